@@ -1,0 +1,203 @@
+"""Typed, validated, frozen parameters, loaded once from the params file that DVC tracks.
+
+Every key is required: params.yaml (composed from conf/) is the one place values live.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class ConfigError(ValueError):
+    """Raised with every problem of a params file at once, each with its key path."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class SyntheticData(_Section):
+    items: Annotated[int, Field(ge=20)]
+    render_size: Annotated[int, Field(ge=32, le=1024)]
+
+
+class DataParams(_Section):
+    source: Literal["hub", "imagefolder", "synthetic"]
+    hub_id: str | None
+    revision: str
+    hub_split: str
+    path: str | None
+    image_column: str
+    text_column: str
+    category_column: str | None
+    max_items: PositiveInt | None
+    val_fraction: Fraction
+    test_fraction: Fraction
+    split_salt: str
+    image_format: Literal["png", "jpeg"]
+    synthetic: SyntheticData
+
+    @model_validator(mode="after")
+    def _source_fields(self) -> "DataParams":
+        if self.source == "hub" and not self.hub_id:
+            raise ValueError("data.source 'hub' needs data.hub_id")
+        if self.source == "imagefolder" and not self.path:
+            raise ValueError("data.source 'imagefolder' needs data.path")
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError("data.val_fraction + data.test_fraction must leave at least 10% for training")
+        return self
+
+
+class ScratchModel(_Section):
+    patch_size: PositiveInt
+    vision_hidden: PositiveInt
+    vision_layers: PositiveInt
+    vision_heads: PositiveInt
+    vision_intermediate: PositiveInt
+    text_hidden: PositiveInt
+    text_layers: PositiveInt
+    text_heads: PositiveInt
+    text_intermediate: PositiveInt
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> "ScratchModel":
+        for part in ("vision", "text"):
+            hidden, heads = getattr(self, f"{part}_hidden"), getattr(self, f"{part}_heads")
+            if hidden % heads:
+                raise ValueError(f"model.scratch.{part}_hidden ({hidden}) must be a multiple of {part}_heads ({heads})")
+        return self
+
+
+class ModelParams(_Section):
+    init: str
+    image_size: Annotated[int, Field(ge=16, le=1024)]
+    max_caption_tokens: Annotated[int, Field(ge=4, le=512)]
+    label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)]
+    scratch: ScratchModel
+
+    @property
+    def from_scratch(self) -> bool:
+        return self.init == "scratch"
+
+    @model_validator(mode="after")
+    def _patch_fits(self) -> "ModelParams":
+        if self.from_scratch and self.image_size % self.scratch.patch_size:
+            raise ValueError(
+                f"model.image_size ({self.image_size}) must be a multiple of model.scratch.patch_size "
+                f"({self.scratch.patch_size})"
+            )
+        return self
+
+
+class TrainParams(_Section):
+    batch_size: PositiveInt
+    grad_accum_steps: PositiveInt
+    lr: Annotated[float, Field(gt=0.0, le=1.0)]
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)]
+    warmup_steps: NonNegInt
+    schedule: Literal["linear", "cosine", "constant"]
+    max_steps: PositiveInt
+    eval_every: PositiveInt
+    eval_samples: PositiveInt
+    patience: PositiveInt
+    metric: Literal["val_cider_d", "val_loss"]
+    clip_grad_norm: Annotated[float, Field(gt=0.0)]
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"]
+    num_workers: NonNegInt
+    log_every: PositiveInt
+
+    @model_validator(mode="after")
+    def _steps_fit(self) -> "TrainParams":
+        if self.eval_every > self.max_steps:
+            raise ValueError(f"train.eval_every ({self.eval_every}) exceeds train.max_steps ({self.max_steps})")
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be below train.max_steps ({self.max_steps})")
+        return self
+
+
+class GenerateParams(_Section):
+    num_beams: PositiveInt
+    max_new_tokens: Annotated[int, Field(ge=1, le=512)]
+    min_length: NonNegInt
+    repetition_penalty: Annotated[float, Field(ge=1.0)]
+    no_repeat_ngram_size: NonNegInt
+    batch_size: PositiveInt
+
+    @model_validator(mode="after")
+    def _lengths(self) -> "GenerateParams":
+        if self.min_length > self.max_new_tokens:
+            raise ValueError(
+                f"generate.min_length ({self.min_length}) exceeds generate.max_new_tokens ({self.max_new_tokens})"
+            )
+        return self
+
+
+class EvaluateParams(_Section):
+    max_items: PositiveInt | None
+
+
+class TrackingParams(_Section):
+    experiment: str
+
+
+class Params(_Section):
+    profile: str
+    seed: NonNegInt
+    data: DataParams
+    model: ModelParams
+    train: TrainParams
+    generate: GenerateParams
+    evaluate: EvaluateParams
+    tracking: TrackingParams
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        got = f" (got {e['input']!r})" if e["type"] not in ("missing",) and not isinstance(e["input"], dict) else ""
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  - {where}: {msg}{got}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict) -> Params:
+    """Validates a params mapping, reporting every problem at once."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"invalid parameters ({error.error_count()} problem(s)):\n{_describe(error)}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Reads and validates the params file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no params file at {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of parameters")
+    return parse_params(raw)
+
+
+def flatten(params: Params) -> dict[str, object]:
+    """Flattens params to dotted keys, as MLflow logs them."""
+    out: dict[str, object] = {}
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = value
+
+    walk("", params.model_dump())
+    return out

@@ -1,0 +1,95 @@
+"""Stage `evaluate`: caption the test split before and after fine-tuning and score both."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from .config import Params, load_params
+from .metrics import caption_scores
+from .modeling import caption_all, initial_model
+from .runtime import run_stage
+from . import tracking
+
+log = logging.getLogger(__name__)
+
+
+def score_table(references: list[str], before: list[str], after: list[str], novel: list[bool]) -> dict:
+    """Before/after scores on the whole test split and on its items whose caption never occurs in training."""
+    refs = [[r] for r in references]
+    table = {"test_items": len(references), "novel_items": sum(novel),
+             "before": caption_scores(refs, before), "after": caption_scores(refs, after)}
+    if any(novel):
+        pick = [i for i, n in enumerate(novel) if n]
+        novel_refs = [refs[i] for i in pick]
+        table["before_novel"] = caption_scores(novel_refs, [before[i] for i in pick])
+        table["after_novel"] = caption_scores(novel_refs, [after[i] for i in pick])
+    table["exact_match_after"] = sum(a == r for a, r in zip(after, references)) / len(references)
+    return table
+
+
+def mlflow_metrics(table: dict) -> dict[str, float]:
+    """Flat metric names for MLflow: test_<when>_<metric>, e.g. test_after_cider_d."""
+    out = {}
+    for when in ("before", "after", "before_novel", "after_novel"):
+        for name, value in table.get(when, {}).items():
+            out[f"test_{when}_{name}"] = value
+    out["test_exact_match_after"] = table["exact_match_after"]
+    return out
+
+
+def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None) -> tuple[dict, list[dict]]:
+    """Captions the test split with the initial and the fine-tuned weights; returns scores and predictions."""
+    import datasets
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    dataset = datasets.load_from_disk(str(data_dir))
+    test = dataset["test"]
+    if limit is not None:
+        test = test.select(range(min(limit, len(test))))
+    images, references = list(test["image"]), list(test["caption"])
+    seen = set(dataset["train"]["caption"])
+    processor = BlipProcessor.from_pretrained(model_dir)
+    before_model = initial_model(params.model, processor, params.seed)
+    before = caption_all(before_model, processor, images, params.generate, desc="caption (before)")
+    del before_model
+    after_model = BlipForConditionalGeneration.from_pretrained(model_dir, use_safetensors=True)
+    after = caption_all(after_model, processor, images, params.generate, desc="caption (after)")
+    table = score_table(references, before, after, [r not in seen for r in references])
+    predictions = [{"key": k, "category": c, "reference": r, "before": b, "after": a, "novel": r not in seen}
+                   for k, c, r, b, a in zip(test["key"], test["category"], references, before, after)]
+    return table, predictions
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--model-dir", default="models/best")
+    parser.add_argument("--run-ref", default="models/run.json")
+    parser.add_argument("--metrics", default="metrics/eval.json")
+    parser.add_argument("--predictions", default="reports/predictions.jsonl")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    table, predictions = evaluate(params, Path(args.data), Path(args.model_dir), params.evaluate.max_items)
+
+    metrics, preds = Path(args.metrics), Path(args.predictions)
+    metrics.parent.mkdir(parents=True, exist_ok=True)
+    metrics.write_text(json.dumps(table, indent=2) + "\n")
+    preds.parent.mkdir(parents=True, exist_ok=True)
+    preds.write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    with tracking.resume_run(tracking.read_run_ref(Path(args.run_ref))):
+        import mlflow
+
+        mlflow.log_metrics(mlflow_metrics(table))
+        mlflow.log_artifact(str(metrics))
+        mlflow.log_artifact(str(preds))
+    b, a = table["before"], table["after"]
+    log.info("test CIDEr-D %.3f -> %.3f, BLEU-4 %.3f -> %.3f (%d items, %d with a caption unseen in training)",
+             b["cider_d"], a["cider_d"], b["bleu_4"], a["bleu_4"], table["test_items"], table["novel_items"])
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,127 @@
+"""BLIP models and processors: built from a config or loaded pretrained, labels, batched captioning."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from PIL import Image
+
+from .config import GenerateParams, ModelParams
+from .metrics import normalize_caption
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
+IGNORE_INDEX = -100
+
+
+def build_tokenizer(captions: Iterable[str]):
+    """A BERT tokenizer whose vocabulary is every word of the captions (plus BLIP's [DEC] bos token)."""
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+    from transformers import BertTokenizerFast
+
+    pre = BertPreTokenizer()
+    words = sorted({w for c in captions for w, _ in pre.pre_tokenize_str(c.lower())})
+    vocab = {tok: i for i, tok in enumerate([*SPECIAL_TOKENS, *words])}
+    # v5 ignores vocab_file= silently; vocab= takes the mapping itself
+    return BertTokenizerFast(vocab=vocab, do_lower_case=True, bos_token="[DEC]")
+
+
+def build_processor(cfg: ModelParams, train_captions: Sequence[str]):
+    """The processor for `cfg.init`: pretrained, or a fresh one sized to cfg.image_size."""
+    from transformers import BlipImageProcessor, BlipProcessor
+
+    if not cfg.from_scratch:
+        return BlipProcessor.from_pretrained(cfg.init)
+    image_processor = BlipImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size})
+    return BlipProcessor(image_processor=image_processor, tokenizer=build_tokenizer(train_captions))
+
+
+def scratch_config(cfg: ModelParams, tokenizer):
+    """A small BlipConfig whose special token ids are the tokenizer's (generate() needs them)."""
+    from transformers import BlipConfig
+
+    s = cfg.scratch
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=s.text_hidden, num_hidden_layers=s.text_layers,
+        num_attention_heads=s.text_heads, intermediate_size=s.text_intermediate,
+        encoder_hidden_size=s.vision_hidden, max_position_embeddings=cfg.max_caption_tokens + 8,
+        bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id,
+        eos_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id,
+        label_smoothing=cfg.label_smoothing,
+    )
+    vision = dict(
+        hidden_size=s.vision_hidden, num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads,
+        intermediate_size=s.vision_intermediate, image_size=cfg.image_size, patch_size=s.patch_size,
+    )
+    return BlipConfig(text_config=text, vision_config=vision, projection_dim=s.text_hidden)
+
+
+def initial_model(cfg: ModelParams, processor, seed: int):
+    """The weights fine-tuning starts from: the pretrained checkpoint, or a seeded random init."""
+    from transformers import BlipForConditionalGeneration, set_seed
+
+    if cfg.from_scratch:
+        set_seed(seed)
+        return BlipForConditionalGeneration(scratch_config(cfg, processor.tokenizer))
+    model = BlipForConditionalGeneration.from_pretrained(cfg.init, use_safetensors=True)
+    model.config.text_config.label_smoothing = cfg.label_smoothing
+    model.text_decoder.label_smoothing = cfg.label_smoothing
+    return model
+
+
+def caption_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int,
+                   prompt_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder inputs and labels as the original BLIP builds them: the first token becomes the
+    decoder's bos, and padding (and any prompt) is ignored by the loss. The model shifts labels itself."""
+    input_ids = input_ids.clone()
+    input_ids[:, 0] = bos_token_id
+    labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+    if prompt_tokens:
+        labels[:, 1 : 1 + prompt_tokens] = IGNORE_INDEX
+    return input_ids, labels
+
+
+class Collator:
+    """Turns rows {image, caption} into a batch padded to its longest caption."""
+
+    def __init__(self, processor, max_tokens: int, bos_token_id: int):
+        self.processor = processor
+        self.max_tokens = max_tokens
+        self.bos_token_id = bos_token_id
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        pixels = self.processor.image_processor([r["image"] for r in rows], return_tensors="pt")["pixel_values"]
+        text = self.processor.tokenizer([r["caption"] for r in rows], padding="longest", truncation=True,
+                                        max_length=self.max_tokens, return_tensors="pt")
+        input_ids, labels = caption_labels(text["input_ids"], text["attention_mask"], self.bos_token_id)
+        return {"pixel_values": pixels, "input_ids": input_ids, "attention_mask": text["attention_mask"],
+                "labels": labels}
+
+
+def generation_kwargs(cfg: GenerateParams) -> dict:
+    """The generate() arguments a GenerateParams stands for."""
+    return dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, min_length=cfg.min_length,
+                repetition_penalty=cfg.repetition_penalty, no_repeat_ngram_size=cfg.no_repeat_ngram_size,
+                do_sample=False)
+
+
+@torch.no_grad()
+def caption_batch(model, processor, images: Sequence[Image.Image], cfg: GenerateParams) -> list[str]:
+    """Captions a batch of images in one generate() call; returns normalised captions."""
+    device = next(model.parameters()).device
+    pixels = processor.image_processor(list(images), return_tensors="pt")["pixel_values"].to(device)
+    pixels = pixels.to(next(model.parameters()).dtype)
+    out = model.generate(pixel_values=pixels, **generation_kwargs(cfg))
+    return [normalize_caption(t) for t in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+def caption_all(model, processor, images: Sequence[Image.Image], cfg: GenerateParams, desc: str = "caption"):
+    """Captions any number of images in batches of cfg.batch_size, with a progress bar."""
+    from .runtime import progress
+
+    model.eval()
+    captions: list[str] = []
+    starts = range(0, len(images), cfg.batch_size)
+    for start in progress(starts, desc=desc, unit="batch"):
+        captions.extend(caption_batch(model, processor, images[start : start + cfg.batch_size], cfg))
+    return captions

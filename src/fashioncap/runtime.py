@@ -1,0 +1,63 @@
+"""What every entry point shares: quiet offline-safe environment, logging, clean errors, progress bars."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+# Each of these would make a network call (telemetry, update checks) that stalls an offline run.
+QUIET_ENV = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def configure_environment() -> None:
+    """Switches off telemetry for this process and its children, unless the user set the variables."""
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def project_root() -> Path:
+    """The repository root: DVC's DVC_ROOT (the parent repo, also for queued experiments), else the
+    nearest folder above the working directory that holds dvc.yaml, else the working directory."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    return here
+
+
+def progress(iterable: Iterable[T], **kwargs) -> Iterable[T]:
+    """A progress bar with ETA on a terminal; silent otherwise."""
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Runs an entry point: environment and logging first, and known errors as one paragraph, exit 2."""
+    from .config import ConfigError
+    from .data import DataSourceError
+
+    configure_environment()
+    logging.basicConfig(level=os.environ.get("FASHIONCAP_LOG", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow.store.db.utils", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        main()
+    except (ConfigError, DataSourceError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

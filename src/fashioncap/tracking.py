@@ -1,0 +1,76 @@
+"""MLflow tracking: where the store is, one run per pipeline execution, and what it is tagged with."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .config import Params, flatten
+from .runtime import project_root
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI if set, else the embedded store `mlflow.db` at the repository root."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def _mlflow():
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    return mlflow
+
+
+def experiment_id(name: str) -> str:
+    """Gets or creates the experiment; in the embedded store its artifacts live in `mlruns/` at the root,
+    also for runs that DVC executes in a temporary copy of the repository."""
+    mlflow = _mlflow()
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        location = (project_root() / "mlruns").as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def run_tags(params: Params) -> dict[str, str]:
+    """Tags that say what produced a run: profile, model, DVC experiment and baseline."""
+    tags = {"profile": params.profile, "model.init": params.model.init, "data.source": params.data.source}
+    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.baseline_rev")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def run_name(params: Params) -> str:
+    """A readable name for the MLflow UI: the DVC experiment (or 'repro'), the profile and the model."""
+    exp = os.environ.get("DVC_EXP_NAME") or "repro"
+    model = "scratch" if params.model.from_scratch else Path(params.model.init).name
+    return f"{exp}-{params.profile}-{model}-lr{params.train.lr:g}"
+
+
+def start_run(params: Params):
+    """Starts the pipeline's run and logs every parameter (flattened)."""
+    mlflow = _mlflow()
+    run = mlflow.start_run(experiment_id=experiment_id(params.tracking.experiment), run_name=run_name(params),
+                           tags=run_tags(params))
+    mlflow.log_params({k: "null" if v is None else v for k, v in flatten(params).items()})
+    return run
+
+
+def resume_run(run_id: str):
+    """Reopens the pipeline's run (started by the train stage)."""
+    return _mlflow().start_run(run_id=run_id)
+
+
+def write_run_ref(path: Path, run_id: str, experiment: str) -> None:
+    """Records the run id for the later stages."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"run_id": run_id, "experiment": experiment}, indent=2) + "\n")
+
+
+def read_run_ref(path: Path) -> str:
+    """The run id recorded by the train stage."""
+    return json.loads(path.read_text())["run_id"]

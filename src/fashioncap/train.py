@@ -1,0 +1,263 @@
+"""Stage `train`: fine-tune BLIP with Accelerate, validate every N steps, keep the best checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import Params, TrainParams, load_params
+from .metrics import caption_scores
+from .modeling import Collator, build_processor, caption_all, initial_model
+from .runtime import run_stage
+from . import tracking
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Outputs:
+    model_dir: Path
+    run_ref: Path
+    metrics: Path
+    train_log: Path
+    val_log: Path
+
+
+@dataclass
+class BestTracker:
+    """Keeps the best validation value and counts evaluations without improvement."""
+
+    metric: str
+    patience: int
+    best: float | None = None
+    best_step: int = 0
+    stale: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def update(self, step: int, values: dict[str, float]) -> bool:
+        """Records an evaluation; returns True when it is the best so far."""
+        self.history.append({"step": step, **values})
+        value = values[self.metric]
+        better = self.best is None or (value < self.best if self.metric == "val_loss" else value > self.best)
+        if better:
+            self.best, self.best_step, self.stale = value, step, 0
+        else:
+            self.stale += 1
+        return better
+
+    @property
+    def exhausted(self) -> bool:
+        return self.stale >= self.patience
+
+
+def mixed_precision(requested: str) -> str:
+    """'auto' means bf16 where a GPU supports it, else full precision."""
+    if requested != "auto":
+        return requested
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
+def make_optimizer(model, cfg: TrainParams):
+    """AdamW with no weight decay on biases and norms; the fused kernel on GPU."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=torch.cuda.is_available())
+
+
+def make_scheduler(optimizer, cfg: TrainParams):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(cfg.schedule, cfg.schedule)
+    return get_scheduler(name, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps)
+
+
+@torch.no_grad()
+def validate(model, processor, rows, collate, params: Params) -> dict[str, float]:
+    """Validation loss and CIDEr-D (greedy-free: the configured generation) on a bounded sample."""
+    model.eval()
+    losses, weights = [], []
+    for start in range(0, len(rows), params.train.batch_size):
+        batch = collate(rows[start : start + params.train.batch_size])
+        device = next(model.parameters()).device
+        out = model(**{k: v.to(device) for k, v in batch.items()})
+        losses.append(out.loss.item())
+        weights.append(len(batch["labels"]))
+    captions = caption_all(model, processor, [r["image"] for r in rows], params.generate, desc="validate")
+    scores = caption_scores([[r["caption"]] for r in rows], captions)
+    model.train()
+    return {"val_loss": sum(l * w for l, w in zip(losses, weights)) / sum(weights), "val_cider_d": scores["cider_d"],
+            "val_bleu_4": scores["bleu_4"]}
+
+
+def forever(loader):
+    """Cycles through the loader epoch after epoch (the sampler reshuffles each epoch)."""
+    epoch = 0
+    while True:
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["step"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def loss_curve(train_log: list[dict], val_log: list[dict], path: Path) -> None:
+    """Draws the training loss and validation loss against steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in train_log], [r["loss"] for r in train_log], label="train loss", lw=0.8)
+    ax.plot([r["step"] for r in val_log], [r["val_loss"] for r in val_log], "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def train(params: Params, data_dir: Path, out: Outputs) -> dict:
+    """Runs the whole fine-tuning and returns its summary; writes the best checkpoint and logs."""
+    import datasets
+    import mlflow
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cfg = params.train
+    dataset = datasets.load_from_disk(str(data_dir))
+    processor = build_processor(params.model, dataset["train"]["caption"])
+    model = initial_model(params.model, processor, params.seed)
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision),
+                              gradient_accumulation_steps=cfg.grad_accum_steps)
+    set_seed(params.seed)
+    collate = Collator(processor, params.model.max_caption_tokens, model.config.text_config.bos_token_id)
+    loader = torch.utils.data.DataLoader(
+        dataset["train"], batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, drop_last=True,
+        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+        pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(params.seed))
+    val_rows = list(dataset["validation"].select(range(min(cfg.eval_samples, len(dataset["validation"])))))
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("training %.2fM parameters on %s (%s), %d train items, batch %d x %d accumulation",
+             n_params / 1e6, accelerator.device, accelerator.mixed_precision, len(dataset["train"]),
+             cfg.batch_size, cfg.grad_accum_steps)
+
+    tracker = BestTracker(cfg.metric, cfg.patience)
+    train_log: list[dict] = []
+    pending: list[tuple[int, torch.Tensor, float]] = []
+    run = tracking.start_run(params) if accelerator.is_main_process else None
+    if run is not None:
+        tracking.write_run_ref(out.run_ref, run.info.run_id, params.tracking.experiment)
+    stop_reason, step, started = f"reached train.max_steps ({cfg.max_steps})", 0, time.perf_counter()
+    batches = forever(loader)
+    model.train()
+    while step < cfg.max_steps:
+        with accelerator.accumulate(model):
+            loss = model(**next(batches)).loss
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        pending.append((step, loss.detach(), scheduler.get_last_lr()[0]))
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            # .item() is a device sync point: fetch the losses of several steps at once
+            rows = [{"step": s, "loss": l.item(), "lr": lr} for s, l, lr in pending]
+            pending.clear()
+            train_log.extend(rows)
+            if run is not None:
+                for r in rows:
+                    mlflow.log_metrics({"train_loss": r["loss"], "lr": r["lr"]}, step=r["step"], synchronous=False)
+            log.info("step %d/%d loss %.4f lr %.2e", step, cfg.max_steps, rows[-1]["loss"], rows[-1]["lr"])
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            values = validate(accelerator.unwrap_model(model), processor, val_rows, collate, params)
+            improved = tracker.update(step, values)
+            if run is not None:
+                mlflow.log_metrics(values, step=step)
+            log.info("step %d validation %s%s", step, {k: round(v, 4) for k, v in values.items()},
+                     " (best so far)" if improved else "")
+            accelerator.wait_for_everyone()
+            if improved and accelerator.is_main_process:
+                accelerator.unwrap_model(model).save_pretrained(out.model_dir, safe_serialization=True)
+                processor.save_pretrained(out.model_dir)
+            if tracker.exhausted:
+                stop_reason = f"early stopping: {cfg.metric} did not improve for {cfg.patience} evaluations"
+                break
+    seconds = time.perf_counter() - started
+    summary = {
+        "steps": step, "best_step": tracker.best_step, "best_metric": cfg.metric, "best_value": tracker.best,
+        "stop_reason": stop_reason, "train_seconds": round(seconds, 1),
+        "samples_per_second": round(step * cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes / seconds, 2),
+        "parameters": n_params,
+    }
+    if accelerator.is_main_process:
+        _finish(summary, train_log, tracker.history, out)
+    return summary
+
+
+def _finish(summary: dict, train_log: list[dict], val_log: list[dict], out: Outputs) -> None:
+    """Writes metrics and plots and closes the MLflow run's training part."""
+    import mlflow
+
+    out.metrics.parent.mkdir(parents=True, exist_ok=True)
+    out.metrics.write_text(json.dumps(summary, indent=2) + "\n")
+    write_csv(out.train_log, train_log)
+    write_csv(out.val_log, val_log)
+    curve = out.metrics.parent / "loss_curve.png"
+    loss_curve(train_log, val_log, curve)
+    mlflow.log_metrics({"best_step": summary["best_step"], "train_samples_per_second": summary["samples_per_second"],
+                        "train_seconds": summary["train_seconds"]})
+    mlflow.set_tag("stop_reason", summary["stop_reason"])
+    mlflow.log_artifact(str(curve))
+    mlflow.log_artifact(str(out.metrics))
+    mlflow.flush_async_logging()
+    mlflow.end_run()
+    log.info("best %s %.4f at step %d; %s", summary["best_metric"], summary["best_value"], summary["best_step"],
+             summary["stop_reason"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--model-dir", default="models/best")
+    parser.add_argument("--run-ref", default="models/run.json")
+    parser.add_argument("--metrics", default="metrics/train.json")
+    parser.add_argument("--train-log", default="metrics/train_log.csv")
+    parser.add_argument("--val-log", default="metrics/val_log.csv")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    out = Outputs(Path(args.model_dir), Path(args.run_ref), Path(args.metrics), Path(args.train_log),
+                  Path(args.val_log))
+    train(params, Path(args.data), out)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,68 @@
+"""params.yaml stays the composed default; every bad value is reported with its key path."""
+
+import copy
+
+import pytest
+import yaml
+
+from fashioncap.config import ConfigError, load_params, parse_params
+from tests.conftest import REPO, compose
+
+
+def test_params_yaml_is_the_composed_default_profile():
+    """DVC rewrites params.yaml from conf/ on `dvc exp run -S`: the committed file must not drift from it."""
+    assert yaml.safe_load((REPO / "params.yaml").read_text()) == compose([]), (
+        "params.yaml differs from conf/ composed with the default profile; regenerate it")
+
+
+def test_both_profiles_validate():
+    default = load_params(REPO / "params.yaml")
+    offline = parse_params(compose(["profile=offline"]))
+    assert (default.profile, default.data.source, default.model.init) == (
+        "default", "hub", "Salesforce/blip-image-captioning-base")
+    assert (offline.profile, offline.data.source, offline.model.init) == ("offline", "synthetic", "scratch")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("train.lr", "fast", "train.lr: Input should be a valid number"),
+    ("train.lr", -1.0, "train.lr: Input should be greater than 0"),
+    ("train.batch_size", 0, "train.batch_size: Input should be greater than 0"),
+    ("train.batch_size", 2.5, "train.batch_size: Input should be a valid integer"),
+    ("data.source", "ftp", "data.source: Input should be 'hub', 'imagefolder' or 'synthetic'"),
+    ("data.test_fraction", 1.5, "data.test_fraction: Input should be less than 1"),
+    ("train.eval_every", 10**6, "train.eval_every (1000000) exceeds train.max_steps"),
+    ("generate.min_length", 500, "generate.min_length (500) exceeds generate.max_new_tokens"),
+    ("model.scratch.text_heads", 3, "text_hidden (128) must be a multiple of text_heads (3)"),
+    ("train.metric", "accuracy", "train.metric: Input should be 'val_cider_d' or 'val_loss'"),
+])
+def test_bad_values_are_reported_with_their_key_path(key, value, message):
+    raw = copy.deepcopy(compose(["profile=offline"]))
+    section, _, leaf = key.rpartition(".")
+    node = raw
+    for part in section.split("."):
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(ConfigError) as error:
+        parse_params(raw)
+    assert message in str(error.value)
+
+
+def test_all_problems_are_reported_at_once_and_typos_are_errors():
+    raw = copy.deepcopy(compose([]))
+    raw["train"]["lr"] = "x"
+    raw["train"]["batch_sise"] = 4
+    raw["data"]["source"] = "nowhere"
+    del raw["seed"]
+    with pytest.raises(ConfigError) as error:
+        parse_params(raw)
+    text = str(error.value)
+    assert "4 problem(s)" in text
+    for fragment in ("train.lr", "train.batch_sise: Extra inputs are not permitted", "data.source", "seed: Field required"):
+        assert fragment in text
+
+
+def test_source_needs_its_fields():
+    raw = copy.deepcopy(compose([]))
+    raw["data"]["source"] = "imagefolder"
+    with pytest.raises(ConfigError, match="data.source 'imagefolder' needs data.path"):
+        parse_params(raw)

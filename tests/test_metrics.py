@@ -1,0 +1,78 @@
+"""Our BLEU / CIDEr-D / ROUGE-L must equal pycocoevalcap's on the same normalised captions."""
+
+import random
+
+import pytest
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+
+from fashioncap.metrics import caption_scores, normalize_caption, per_item_cider_d
+from fashioncap.synthetic import catalogue
+
+
+def reference_scores(refs, hyps):
+    gts = {i: r for i, r in enumerate(refs)}
+    res = {i: [h] for i, h in enumerate(hyps)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, cider_items = Cider().compute_score(gts, res)
+    rouge, _ = Rouge().compute_score(gts, res)
+    return {**{f"bleu_{k + 1}": b for k, b in enumerate(bleu)}, "cider_d": cider, "rouge_l": rouge}, cider_items
+
+
+def noisy_set(seed: int, n: int, max_refs: int):
+    rng = random.Random(seed)
+    captions = [p.caption for p in catalogue(seed, n, 32)]
+    refs = [[c] + [rng.choice(captions) for _ in range(rng.randrange(max_refs))] for c in captions]
+    hyps = []
+    for c in captions:
+        words = [w for w in rng.choice([c, rng.choice(captions)]).split() if rng.random() < 0.85]
+        if rng.random() < 0.2:
+            words += rng.sample(c.split(), 2)
+        hyps.append(" ".join(words) or "a")
+    return refs, hyps
+
+
+@pytest.mark.parametrize("seed,max_refs", [(0, 1), (1, 5), (2, 3)])
+def test_scores_equal_pycocoevalcap(seed, max_refs):
+    refs, hyps = noisy_set(seed, 200, max_refs)
+    ours = caption_scores(refs, hyps)
+    theirs, cider_items = reference_scores(refs, hyps)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert ours[name] == pytest.approx(theirs[name], abs=1e-6), name
+    assert per_item_cider_d(refs, hyps) == pytest.approx(list(cider_items), abs=1e-6)
+
+
+def test_short_and_empty_hypotheses_match_reference():
+    refs = [["a red watch with black strap"], ["a blue handbag"], ["a pair of round sunglasses"], ["a t-shirt"]]
+    hyps = ["a", "a blue handbag", "", "a t-shirt with a pocket"]
+    ours = caption_scores(refs, hyps)
+    theirs, _ = reference_scores(refs, hyps)
+    for name in ours:
+        assert ours[name] == pytest.approx(theirs[name], abs=1e-6), name
+
+
+def test_perfect_captions_score_top_marks():
+    refs, _ = noisy_set(3, 60, 1)
+    scores = caption_scores(refs, [r[0] for r in refs])
+    assert scores["bleu_4"] == pytest.approx(1.0)
+    assert scores["rouge_l"] == pytest.approx(1.0)
+    assert scores["cider_d"] == pytest.approx(10.0)
+
+
+def test_mismatched_lengths_are_an_error():
+    with pytest.raises(ValueError, match="2 reference lists but 1"):
+        caption_scores([["a"], ["b"]], ["a"])
+    with pytest.raises(ValueError, match="at least one reference"):
+        caption_scores([[]], ["a"])
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("A Watch, with a GREY bezel.", "a watch with a grey bezel"),
+    ("a red t - shirt", "a red t-shirt"),  # word-piece decoders space out hyphens
+    ("  “quoted”  -dash-   text!! ", "quoted dash text"),
+    ("Café\u00a0noir", "café noir"),
+])
+def test_normalize_caption(raw, expected):
+    assert normalize_caption(raw) == expected

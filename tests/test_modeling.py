@@ -1,0 +1,62 @@
+"""Tokenizer, label construction, collation and generation of the from-config BLIP."""
+
+import torch
+
+from fashioncap.modeling import (IGNORE_INDEX, Collator, build_processor, build_tokenizer, caption_batch,
+                                 caption_labels, initial_model)
+from fashioncap.metrics import normalize_caption
+from fashioncap.synthetic import catalogue
+
+
+def test_tokenizer_covers_every_caption_word_and_decodes_back():
+    captions = [p.caption for p in catalogue(0, 50, 32)]
+    tok = build_tokenizer(captions)
+    assert tok.bos_token == "[DEC]" and tok.pad_token_id == 0
+    for c in captions:
+        ids = tok(c)["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert normalize_caption(tok.decode(ids, skip_special_tokens=True)) == c
+
+
+def test_labels_put_bos_first_and_ignore_padding():
+    input_ids = torch.tensor([[101, 7, 8, 102, 0, 0], [101, 7, 8, 9, 10, 102]])
+    mask = (input_ids != 0).long()
+    ids, labels = caption_labels(input_ids, mask, bos_token_id=30522)
+    assert ids[:, 0].tolist() == [30522, 30522]
+    assert labels[0].tolist() == [30522, 7, 8, 102, IGNORE_INDEX, IGNORE_INDEX]
+    assert labels[1].tolist() == [30522, 7, 8, 9, 10, 102]
+    assert input_ids[0, 0] == 101  # the caller's tensor is left alone
+
+
+def test_prompt_tokens_are_ignored_by_the_loss():
+    input_ids = torch.tensor([[101, 5, 6, 7, 8, 102]])
+    _, labels = caption_labels(input_ids, torch.ones_like(input_ids), bos_token_id=1, prompt_tokens=2)
+    assert labels[0].tolist() == [1, IGNORE_INDEX, IGNORE_INDEX, 7, 8, 102]
+
+
+def test_collator_pads_to_the_longest_caption_not_a_fixed_length(tiny_params):
+    products = list(catalogue(1, 6, 32))
+    processor = build_processor(tiny_params.model, [p.caption for p in products])
+    collate = Collator(processor, max_tokens=tiny_params.model.max_caption_tokens,
+                       bos_token_id=processor.tokenizer.bos_token_id)
+    rows = [{"image": p.image, "caption": p.caption} for p in products]
+    batch = collate(rows)
+    longest = max(len(processor.tokenizer(p.caption)["input_ids"]) for p in products)
+    assert batch["input_ids"].shape == (6, longest)
+    assert batch["pixel_values"].shape == (6, 3, tiny_params.model.image_size, tiny_params.model.image_size)
+    assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    assert (batch["input_ids"][:, 0] == processor.tokenizer.bos_token_id).all()
+
+
+def test_scratch_model_is_seeded_and_generates_with_its_own_special_tokens(tiny_params):
+    products = list(catalogue(2, 4, 32))
+    processor = build_processor(tiny_params.model, [p.caption for p in products])
+    a = initial_model(tiny_params.model, processor, seed=7)
+    b = initial_model(tiny_params.model, processor, seed=7)
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    cfg = a.config.text_config
+    assert (cfg.bos_token_id, cfg.sep_token_id, cfg.pad_token_id) == (
+        processor.tokenizer.bos_token_id, processor.tokenizer.sep_token_id, processor.tokenizer.pad_token_id)
+    captions = caption_batch(a, processor, [p.image for p in products], tiny_params.generate)
+    assert len(captions) == 4 and all(isinstance(c, str) for c in captions)

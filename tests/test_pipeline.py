@@ -1,0 +1,122 @@
+"""End to end: the real `dvc` CLI runs the offline profile in a temporary git copy of the repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, TINY_OVERRIDES
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def sh(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A fresh git repository holding the project's files, as a user's clone would."""
+    dest = tmp_path_factory.mktemp("clone")
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        src = REPO / name
+        if src.is_file() and not name.startswith(("data/prepared", "models/", "metrics/", "reports/")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    for args in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
+                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        sh(args, dest)
+    return dest
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("-S", o)]
+
+
+def mlflow_client(repo: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def first_run(repo):
+    sh([str(BIN / "dvc"), "exp", "run", "-n", "tiny-offline", *set_args(TINY_OVERRIDES)], repo)
+    return repo
+
+
+def test_exp_run_offline_writes_metrics_lock_and_predictions(first_run):
+    repo = first_run
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["profile"] == "offline" and params["train"]["max_steps"] == 12
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"prepare", "train", "evaluate"}
+    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["max_steps"] == 12
+    evaluation = json.loads((repo / "metrics/eval.json").read_text())
+    for when in ("before", "after"):
+        assert set(evaluation[when]) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider_d", "rouge_l"}
+    prepared = json.loads((repo / "metrics/prepare.json").read_text())
+    assert evaluation["test_items"] == prepared["test_items"]
+    predictions = [json.loads(line) for line in (repo / "reports/predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == prepared["test_items"]
+    assert {"key", "reference", "before", "after", "novel"} <= set(predictions[0])
+    assert (repo / "models/best/model.safetensors").is_file()
+    train = json.loads((repo / "metrics/train.json").read_text())
+    assert train["steps"] == 12 and 1 <= train["best_step"] <= 12
+
+
+def test_one_mlflow_run_with_params_loss_history_and_eval_metrics(first_run):
+    client = mlflow_client(first_run)
+    exp = client.get_experiment_by_name("fashioncap")
+    assert exp.artifact_location == (first_run / "mlruns").as_uri()
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    run_ref = json.loads((first_run / "models/run.json").read_text())
+    assert run.info.run_id == run_ref["run_id"]
+    assert run.data.params["train.max_steps"] == "12" and run.data.params["profile"] == "offline"
+    assert run.data.tags["dvc.exp_name"] == "tiny-offline"
+    assert run.data.tags["mlflow.source.git.commit"]
+    assert "tiny-offline" in run.info.run_name
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert sorted(m.step for m in history) == list(range(1, 13))
+    assert len(client.get_metric_history(run.info.run_id, "val_cider_d")) == 2
+    evaluation = json.loads((first_run / "metrics/eval.json").read_text())
+    assert run.data.metrics["test_after_cider_d"] == pytest.approx(evaluation["after"]["cider_d"])
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"loss_curve.png", "eval.json", "predictions.jsonl", "train.json"} <= artifacts
+
+
+def test_params_show_in_dvc_exp_show_and_params_diff(first_run):
+    shown = json.loads(sh([str(BIN / "dvc"), "exp", "show", "--json"], first_run).stdout)
+    text = json.dumps(shown)
+    assert "tiny-offline" in text and '"profile": "offline"' in text
+    diff = sh([str(BIN / "dvc"), "params", "diff", "--json"], first_run).stdout
+    changed = json.loads(diff)["params.yaml"]
+    assert changed["profile"] == {"old": "default", "new": "offline"}
+    assert changed["train.max_steps"]["new"] == 12
+
+
+def test_queued_experiment_lands_in_the_same_store(first_run):
+    repo = first_run
+    sh([str(BIN / "dvc"), "exp", "run", "--queue", "-n", "tiny-queued", *set_args([*TINY_OVERRIDES, "train.lr=0.001"])],
+       repo)
+    sh([str(BIN / "dvc"), "exp", "run", "--run-all"], repo)
+    client = mlflow_client(repo)
+    exp = client.get_experiment_by_name("fashioncap")
+    names = {r.data.tags.get("dvc.exp_name") for r in client.search_runs([exp.experiment_id])}
+    assert names == {"tiny-offline", "tiny-queued"}
+    assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
