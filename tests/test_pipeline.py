@@ -81,7 +81,7 @@ def test_exp_run_offline_writes_metrics_lock_and_predictions(first_run):
 def test_one_mlflow_run_with_params_loss_history_and_eval_metrics(first_run):
     client = mlflow_client(first_run)
     exp = client.get_experiment_by_name("fashioncap")
-    assert exp.artifact_location == (first_run / "mlruns").as_uri()
+    assert exp.artifact_location.removeprefix("file://").startswith(str(first_run / "mlruns"))
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1
     run = runs[0]
@@ -98,6 +98,7 @@ def test_one_mlflow_run_with_params_loss_history_and_eval_metrics(first_run):
     assert run.data.metrics["test_after_cider_d"] == pytest.approx(evaluation["after"]["cider_d"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"loss_curve.png", "eval.json", "predictions.jsonl", "train.json"} <= artifacts
+    assert list((first_run / "mlruns").rglob("loss_curve.png"))
 
 
 def test_params_show_in_dvc_exp_show_and_params_diff(first_run):
@@ -120,3 +121,4 @@ def test_queued_experiment_lands_in_the_same_store(first_run):
     names = {r.data.tags.get("dvc.exp_name") for r in client.search_runs([exp.experiment_id])}
     assert names == {"tiny-offline", "tiny-queued"}
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
+    assert len(list((repo / "mlruns").rglob("loss_curve.png"))) == 2
