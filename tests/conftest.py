@@ -19,6 +19,7 @@ TINY_OVERRIDES = [
     "data.val_fraction=0.1",
     "data.test_fraction=0.15",
     "model.image_size=32",
+    "model.scratch.patch_size=8",
     "model.scratch.vision_layers=1",
     "model.scratch.text_layers=1",
     "model.scratch.vision_hidden=32",

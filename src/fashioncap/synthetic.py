@@ -55,7 +55,7 @@ class _Canvas:
         self.image = image
         self.draw = ImageDraw.Draw(image)
         size = image.width
-        scale = rng.uniform(0.7, 0.95) * size
+        scale = rng.uniform(0.78, 0.95) * size
         self.x0 = rng.uniform(0.0, size - scale)
         self.y0 = rng.uniform(0.0, size - scale)
         self.s = scale

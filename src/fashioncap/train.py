@@ -6,6 +6,7 @@ import argparse
 import csv
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,19 @@ def validate(model, processor, rows, collate, params: Params) -> dict[str, float
     model.train()
     return {"val_loss": sum(l * w for l, w in zip(losses, weights)) / sum(weights), "val_cider_d": scores["cider_d"],
             "val_bleu_4": scores["bleu_4"]}
+
+
+def save_checkpoint(model, processor, out_dir: Path) -> None:
+    """Writes model + processor beside out_dir, then swaps it in, so a kill never leaves half a checkpoint."""
+    staging, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    processor.save_pretrained(staging)
+    if out_dir.exists():
+        out_dir.rename(old)
+    staging.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def forever(loader):
@@ -205,8 +219,7 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
                      " (best so far)" if improved else "")
             accelerator.wait_for_everyone()
             if improved and accelerator.is_main_process:
-                accelerator.unwrap_model(model).save_pretrained(out.model_dir, safe_serialization=True)
-                processor.save_pretrained(out.model_dir)
+                save_checkpoint(accelerator.unwrap_model(model), processor, out.model_dir)
             if tracker.exhausted:
                 stop_reason = f"early stopping: {cfg.metric} did not improve for {cfg.patience} evaluations"
                 break
@@ -256,7 +269,14 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     out = Outputs(Path(args.model_dir), Path(args.run_ref), Path(args.metrics), Path(args.train_log),
                   Path(args.val_log))
-    train(params, Path(args.data), out)
+    try:
+        train(params, Path(args.data), out)
+    except BaseException as error:
+        import mlflow
+
+        if mlflow.active_run() is not None:  # the run shows as failed, not as running forever
+            mlflow.end_run(status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""Best-checkpoint bookkeeping, early stopping and precision choice of the train stage."""
+
+import torch
+
+from fashioncap.train import BestTracker, make_optimizer, mixed_precision
+
+
+def test_best_tracker_keeps_the_highest_cider_and_counts_stale_evaluations():
+    t = BestTracker("val_cider_d", patience=2)
+    assert t.update(100, {"val_cider_d": 1.0, "val_loss": 2.0})
+    assert t.update(200, {"val_cider_d": 1.5, "val_loss": 1.9})
+    assert not t.update(300, {"val_cider_d": 1.4, "val_loss": 1.8})
+    assert not t.exhausted
+    assert not t.update(400, {"val_cider_d": 1.5, "val_loss": 1.7})  # a tie is no improvement
+    assert t.exhausted and (t.best, t.best_step) == (1.5, 200)
+    assert [h["step"] for h in t.history] == [100, 200, 300, 400]
+
+
+def test_best_tracker_minimises_loss():
+    t = BestTracker("val_loss", patience=1)
+    t.update(1, {"val_loss": 2.0})
+    assert t.update(2, {"val_loss": 1.0}) and not t.update(3, {"val_loss": 1.1})
+    assert t.best_step == 2 and t.exhausted
+
+
+def test_auto_precision_is_full_on_cpu_and_explicit_values_pass_through():
+    expected = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    assert mixed_precision("auto") == expected
+    assert mixed_precision("fp16") == "fp16"
+
+
+def test_no_weight_decay_on_biases_and_norms(tiny_params):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    decay, no_decay = make_optimizer(model, tiny_params.train).param_groups
+    assert decay["weight_decay"] == tiny_params.train.weight_decay and no_decay["weight_decay"] == 0.0
+    assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
+    assert len(no_decay["params"]) == 3
