@@ -35,6 +35,8 @@ TINY_OVERRIDES = [
     "train.log_every=4",
     "generate.max_new_tokens=12",
     "generate.batch_size=16",
+    "registry.max_images=4",
+    "registry.max_pixels=10000",
 ]
 
 
@@ -82,3 +84,39 @@ def _quiet_env(monkeypatch, tmp_path_factory):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_raw) -> tuple[Path, Path]:
+    """A prepared tiny dataset and an untrained tiny BLIP saved as the train stage saves it."""
+    from fashioncap.config import parse_params
+    from fashioncap.modeling import build_processor, initial_model
+    from fashioncap.prepare import build_splits, save
+
+    params = parse_params(copy.deepcopy(tiny_raw))
+    root = tmp_path_factory.mktemp("tiny-model")
+    rows, _ = build_splits(params)
+    save(rows, root / "prepared")
+    processor = build_processor(params.model, [r["caption"] for r in rows["train"]])
+    model = initial_model(params.model, processor, params.seed)
+    model.save_pretrained(root / "best")
+    processor.save_pretrained(root / "best")
+    return root / "best", root / "prepared"
+
+
+@pytest.fixture
+def registry_env(tmp_path, monkeypatch, tiny_model):
+    """A fresh MLflow store (sqlite + artifacts) in the test's folder, and the tiny model to register."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    model_dir, data_dir = tiny_model
+    return MlflowClient(uri), model_dir, data_dir
+
+
+@pytest.fixture
+def cli_env(registry_env, tmp_path) -> dict:
+    """The environment a user's shell would have, pointing at the test's store."""
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}

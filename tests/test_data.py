@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from fashioncap.config import parse_params
-from fashioncap.data import DataSourceError, clean_caption, read_source, split_of, to_model_image
+from fashioncap.data import DataSourceError, clean_caption, read_source, split_of
+from fashioncap.imaging import to_model_image
 from tests.conftest import REPO, compose
 
 

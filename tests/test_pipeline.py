@@ -63,7 +63,7 @@ def test_exp_run_offline_writes_metrics_lock_and_predictions(first_run):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["profile"] == "offline" and params["train"]["max_steps"] == 12
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "train", "evaluate"}
+    assert set(lock["stages"]) == {"prepare", "train", "evaluate", "register"}
     assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["max_steps"] == 12
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
     for when in ("before", "after"):
@@ -76,6 +76,22 @@ def test_exp_run_offline_writes_metrics_lock_and_predictions(first_run):
     assert (repo / "models/best/model.safetensors").is_file()
     train = json.loads((repo / "metrics/train.json").read_text())
     assert train["steps"] == 12 and 1 <= train["best_step"] <= 12
+    registered = json.loads((repo / "models/registered.json").read_text())
+    assert registered == {"name": "fashion-captioner", "version": "1", "run_id": registered["run_id"]}
+
+
+def test_registered_version_is_the_candidate_and_promotes(first_run):
+    client = mlflow_client(first_run)
+    candidate = client.get_model_version_by_alias("fashion-captioner", "candidate")
+    run_ref = json.loads((first_run / "models/run.json").read_text())
+    assert str(candidate.version) == "1" and candidate.run_id == run_ref["run_id"]
+    evaluation = json.loads((first_run / "metrics/eval.json").read_text())
+    assert float(candidate.tags["test_cider_d"]) == pytest.approx(evaluation["after"]["cider_d"])
+    assert candidate.tags["data_digest"] == evaluation["test_digest"]
+    promoted = sh([str(BIN / "fashioncap"), "promote"], first_run)
+    assert "fashion-captioner@champion: nothing -> version 1" in promoted.stdout
+    again = sh([str(BIN / "dvc"), "repro", "register"], first_run)  # idempotent: no second version
+    assert len(client.search_model_versions("name = 'fashion-captioner'")) == 1, again.stdout
 
 
 def test_one_mlflow_run_with_params_loss_history_and_eval_metrics(first_run):
@@ -122,3 +138,4 @@ def test_queued_experiment_lands_in_the_same_store(first_run):
     assert names == {"tiny-offline", "tiny-queued"}
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     assert len(list((repo / "mlruns").rglob("loss_curve.png"))) == 2
+    assert str(client.get_model_version_by_alias("fashion-captioner", "candidate").version) == "2"

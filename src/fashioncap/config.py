@@ -148,6 +148,12 @@ class TrackingParams(_Section):
     experiment: str
 
 
+class RegistryParams(_Section):
+    name: Annotated[str, Field(min_length=1)]
+    max_images: Annotated[int, Field(ge=1, le=1024)]
+    max_pixels: Annotated[int, Field(ge=64)]
+
+
 class Params(_Section):
     profile: str
     seed: NonNegInt
@@ -157,6 +163,7 @@ class Params(_Section):
     generate: GenerateParams
     evaluate: EvaluateParams
     tracking: TrackingParams
+    registry: RegistryParams
 
 
 def _describe(error: ValidationError) -> str:

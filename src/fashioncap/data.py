@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .config import DataParams
 from .metrics import normalize_caption
@@ -44,26 +43,6 @@ def split_of(key: str, salt: str, val_fraction: float, test_fraction: float) -> 
     if u < test_fraction + val_fraction:
         return "validation"
     return "train"
-
-
-def to_model_image(image: Image.Image | bytes, size: int) -> Image.Image:
-    """Decodes if needed, turns the photo upright, converts to RGB and resizes to the model's square input."""
-    if isinstance(image, bytes):
-        image = Image.open(io.BytesIO(image))
-    image = ImageOps.exif_transpose(image)
-    if image.mode != "RGB":
-        image = image.convert("RGBA").convert("RGB") if image.mode in ("P", "LA", "PA") else image.convert("RGB")
-    return image.resize((size, size), Image.Resampling.BICUBIC)
-
-
-def encode_image(image: Image.Image, fmt: str) -> bytes:
-    """Encodes an image for storage in the prepared dataset."""
-    buf = io.BytesIO()
-    if fmt == "jpeg":
-        image.save(buf, format="JPEG", quality=95)
-    else:
-        image.save(buf, format="PNG", optimize=False)
-    return buf.getvalue()
 
 
 def clean_caption(caption: object) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -14,6 +15,14 @@ from .runtime import run_stage
 from . import tracking
 
 log = logging.getLogger(__name__)
+
+
+def test_digest(keys: list[str], references: list[str]) -> str:
+    """Identifies the scored test set: scores compare only between versions with the same digest."""
+    h = hashlib.sha256()
+    for key, ref in sorted(zip(keys, references)):
+        h.update(f"{key}\t{ref}\n".encode())
+    return h.hexdigest()
 
 
 def score_table(references: list[str], before: list[str], after: list[str], novel: list[bool]) -> dict:
@@ -58,6 +67,7 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None)
     after_model = BlipForConditionalGeneration.from_pretrained(model_dir, use_safetensors=True)
     after = caption_all(after_model, processor, images, params.generate, desc="caption (after)")
     table = score_table(references, before, after, [r not in seen for r in references])
+    table["test_digest"] = test_digest(list(test["key"]), references)
     predictions = [{"key": k, "category": c, "reference": r, "before": b, "after": a, "novel": r not in seen}
                    for k, c, r, b, a in zip(test["key"], test["category"], references, before, after)]
     return table, predictions

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .runtime import progress, run_stage
 from .config import Params, load_params
-from .data import SPLITS, clean_caption, encode_image, read_source, split_of, to_model_image
+from .data import SPLITS, clean_caption, read_source, split_of
+from .imaging import encode_image, to_model_image
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,151 @@
+"""The `fashioncap` command: promote, roll back, serve and caption with the model registry."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from . import registry, tracking
+from .runtime import configure_environment, progress
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DEFAULT_NAME = "fashion-captioner"
+
+
+def _client():
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking.tracking_uri())
+
+
+def cmd_promote(args) -> int:
+    for line in registry.promote(_client(), args.name, args.version, args.force):
+        print(line)
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    for line in registry.rollback(_client(), args.name):
+        print(line)
+    return 0
+
+
+def _check_alias(uri: str) -> None:
+    """Fails clearly when a models:/name@alias URI names an alias that is not set."""
+    if uri.startswith("models:/") and "@" in uri:
+        name, alias = uri.removeprefix("models:/").split("@", 1)
+        if registry.alias_version(_client(), name, alias) is None:
+            raise registry.RegistryError(f"model '{name}' has no version with alias '{alias}'"
+                                         + (": promote one with `fashioncap promote`" if alias == "champion" else ""))
+
+
+def cmd_serve(args) -> int:
+    _check_alias(args.model)
+    mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    command = [mlflow_bin, "models", "serve", "-m", args.model, "--env-manager", "local",
+               "-h", args.host, "-p", str(args.port)]
+    print(" ".join(command), file=sys.stderr)
+    os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    os.execv(mlflow_bin, command)  # MLflow's own scoring server, not a re-implementation
+    return 0
+
+
+def image_files(paths: list[str]) -> list[Path]:
+    """The files named, and the images inside the folders named, in a stable order."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            found.append(p)
+    return found
+
+
+def _readable(files: list[Path], max_pixels: int) -> tuple[list[tuple[Path, str]], dict[Path, str]]:
+    """Reads and checks each file; returns (file, base64) for the good ones and an error per bad one."""
+    from .imaging import ImageInputError, decode_image
+
+    good, errors = [], {}
+    for f in files:
+        try:
+            data = f.read_bytes()
+            decode_image(data, max_pixels)
+            good.append((f, base64.b64encode(data).decode()))
+        except (OSError, ImageInputError) as error:
+            errors[f] = str(error)
+    return good, errors
+
+
+def cmd_caption(args) -> int:
+    import mlflow
+    import pandas as pd
+
+    from .imaging import DEFAULT_MAX_PIXELS
+
+    files = image_files(args.paths)
+    if not files:
+        raise registry.RegistryError("no image files found in the paths given")
+    good, errors = _readable(files, DEFAULT_MAX_PIXELS)
+    captions: dict[Path, str] = {}
+    if good:
+        _check_alias(args.model)
+        mlflow.set_tracking_uri(tracking.tracking_uri())
+        model = mlflow.pyfunc.load_model(args.model)
+        starts = range(0, len(good), args.batch_size)
+        for start in progress(starts, desc="caption", unit="batch"):
+            batch = good[start : start + args.batch_size]
+            out = model.predict(pd.DataFrame({"image": [b for _, b in batch]}))
+            captions.update(zip((f for f, _ in batch), out))
+    for f in files:
+        if f in errors:
+            print(f"error: {f}: {errors[f]}", file=sys.stderr)
+        elif args.json:
+            print(json.dumps({"file": str(f), "caption": captions[f]}))
+        else:
+            print(f"{f}\t{captions[f]}")
+    return 1 if not captions else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fashioncap", description=__doc__)
+    p.add_argument("--name", default=DEFAULT_NAME, help="registered model name (default: %(default)s)")
+    sub = p.add_subparsers(dest="command", required=True)
+    promote = sub.add_parser("promote", help="make a version the champion if it beats the current one")
+    promote.add_argument("version", nargs="?", help="version number (default: the candidate)")
+    promote.add_argument("--force", action="store_true", help="promote even if it does not beat the champion")
+    promote.set_defaults(func=cmd_promote)
+    sub.add_parser("rollback", help="make the previous champion serve again").set_defaults(func=cmd_rollback)
+    serve = sub.add_parser("serve", help="serve a registry model with `mlflow models serve`")
+    serve.add_argument("--model", default=f"models:/{DEFAULT_NAME}@champion")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=5001)
+    serve.set_defaults(func=cmd_serve)
+    caption = sub.add_parser("caption", help="caption image files or folders with a registry model")
+    caption.add_argument("paths", nargs="+")
+    caption.add_argument("--model", default=f"models:/{DEFAULT_NAME}@champion")
+    caption.add_argument("--json", action="store_true", help="one JSON object per line")
+    caption.add_argument("--batch-size", type=int, default=16)
+    caption.set_defaults(func=cmd_caption)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    configure_environment()
+    logging.basicConfig(level=os.environ.get("FASHIONCAP_LOG", "WARNING"), format="%(levelname)s %(message)s")
+    try:
+        sys.exit(args.func(args))
+    except registry.RegistryError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

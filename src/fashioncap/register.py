@@ -1,0 +1,133 @@
+"""Stage `register`: log the best checkpoint as an MLflow model, register it, alias it `candidate`."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+from . import registry, tracking
+from .config import Params, load_params
+from .runtime import run_stage
+
+log = logging.getLogger(__name__)
+
+# What predict() imports; MLflow's own inference of requirements misses pillow.
+SERVING_PACKAGES = ("torch", "transformers", "pillow", "pydantic", "pyyaml", "pandas", "mlflow", "safetensors")
+
+
+def pip_requirements() -> list[str]:
+    """The serving packages pinned to the versions installed here (local build suffixes dropped)."""
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in SERVING_PACKAGES]
+
+
+def serving_config(params: Params) -> dict:
+    """Generation defaults and per-request limits the served model applies."""
+    generate = params.generate.model_dump()
+    generate["batch_size"] = max(generate["batch_size"], params.registry.max_images)  # one request, one batch
+    return {"generate": generate, "image_size": params.model.image_size, "max_images": params.registry.max_images,
+            "max_pixels": params.registry.max_pixels}
+
+
+def signature(params: Params):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        outputs=Schema([ColSpec("string")]),
+        params=ParamSchema([ParamSpec("num_beams", "long", params.generate.num_beams),
+                            ParamSpec("max_new_tokens", "long", params.generate.max_new_tokens)]),
+    )
+
+
+def input_example(data_dir: Path):
+    """One test image of the prepared data, base64-encoded, as the logged input example."""
+    import datasets
+    import pandas as pd
+
+    row = datasets.load_from_disk(str(data_dir))["test"].cast_column("image", datasets.Image(decode=False))[0]
+    return pd.DataFrame({"image": [base64.b64encode(row["image"]["bytes"]).decode()]})
+
+
+def model_card(params: Params, table: dict, run) -> str:
+    """A short model card for the version description."""
+    b, a = table["before"], table["after"]
+    source = {"hub": f"Hub dataset `{params.data.hub_id}` @ `{params.data.revision}`",
+              "imagefolder": f"local imagefolder `{params.data.path}`",
+              "synthetic": f"synthetic catalogue ({params.data.synthetic.items} items, seed {params.seed})"}
+    return "\n".join([
+        f"Fashion product captioner fine-tuned from `{params.model.init}` ({params.profile} profile).",
+        f"Data: {source[params.data.source]}; test split of {table['test_items']} items, "
+        f"{table['novel_items']} with captions unseen in training.",
+        f"Test CIDEr-D {b['cider_d']:.3f} -> {a['cider_d']:.3f}, BLEU-4 {b['bleu_4']:.3f} -> {a['bleu_4']:.3f}, "
+        f"ROUGE-L {b['rouge_l']:.3f} -> {a['rouge_l']:.3f} (before -> after fine-tuning).",
+        f"Run {run.info.run_id}, git commit {run.data.tags.get('mlflow.source.git.commit', 'unknown')}.",
+        "Input: base64-encoded images (column `image`); output: one caption per image.",
+        "Limitations: describes products in the style of its training captions; English only; "
+        "scores are from a single reference per image.",
+    ])
+
+
+def register(params: Params, run_id: str, model_dir: Path, data_dir: Path, table: dict):
+    """Logs and registers the model once per run, then points `candidate` at it; returns the version number."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    name = params.registry.name
+    version = registry.version_for_run(client, name, run_id)
+    if version is not None:
+        log.info("run %s is already registered as %s version %s", run_id, name, version.version)
+    else:
+        version = _log_and_register(params, run_id, model_dir, data_dir, table, client)
+    number = str(version.version)
+    client.set_registered_model_alias(name, registry.CANDIDATE, number)
+    log.info("%s@%s -> version %s", name, registry.CANDIDATE, number)
+    return number
+
+
+def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Path, table: dict, client):
+    import mlflow
+
+    from . import serving
+
+    run = client.get_run(run_id)
+    with tempfile.TemporaryDirectory() as tmp, tracking.resume_run(run_id):
+        config = Path(tmp) / "serving_config.json"
+        config.write_text(json.dumps(serving_config(params), indent=2))
+        info = mlflow.pyfunc.log_model(
+            name="captioner", python_model=serving.__file__, code_paths=[str(Path(__file__).parent)],
+            artifacts={"blip": str(model_dir), "serving_config": str(config)},
+            signature=signature(params), input_example=input_example(data_dir),
+            pip_requirements=pip_requirements())
+    tags = {registry.CIDER_TAG: str(table["after"]["cider_d"]), registry.BLEU_TAG: str(table["after"]["bleu_4"]),
+            registry.DIGEST_TAG: table["test_digest"], registry.RUN_TAG: run_id,
+            registry.COMMIT_TAG: run.data.tags.get("mlflow.source.git.commit", "unknown")}
+    version = mlflow.register_model(info.model_uri, params.registry.name, tags=tags)
+    client.update_model_version(params.registry.name, version.version, description=model_card(params, table, run))
+    return version
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--data", default="data/prepared")
+    parser.add_argument("--model-dir", default="models/best")
+    parser.add_argument("--run-ref", default="models/run.json")
+    parser.add_argument("--eval", default="metrics/eval.json")
+    parser.add_argument("--out", default="models/registered.json")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    table = json.loads(Path(args.eval).read_text())
+    run_id = tracking.read_run_ref(Path(args.run_ref))
+    version = register(params, run_id, Path(args.model_dir), Path(args.data), table)
+    Path(args.out).write_text(json.dumps({"name": params.registry.name, "version": version,
+                                          "run_id": run_id}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    run_stage(main)

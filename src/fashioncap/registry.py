@@ -1,0 +1,118 @@
+"""The MLflow model registry: versions of the captioner, and the aliases that say which one serves.
+
+`candidate` is the newest registered version, `champion` the one that serves, `previous` the champion
+before it. Every decision reads the aliases from the registry itself, so a change made by hand in the
+MLflow UI is honoured the same way as one made here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
+CIDER_TAG, BLEU_TAG, DIGEST_TAG, RUN_TAG, COMMIT_TAG = "test_cider_d", "test_bleu_4", "data_digest", "run_id", "git_commit"
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot or must not happen; the message says why."""
+
+
+@dataclass(frozen=True)
+class Version:
+    """What promotion needs to know about a model version."""
+
+    number: str
+    cider_d: float
+    digest: str
+
+    @classmethod
+    def of(cls, mv) -> "Version":
+        tags = mv.tags or {}
+        if CIDER_TAG not in tags or DIGEST_TAG not in tags:
+            raise RegistryError(f"version {mv.version} has no '{CIDER_TAG}'/'{DIGEST_TAG}' tags to compare by")
+        return cls(str(mv.version), float(tags[CIDER_TAG]), tags[DIGEST_TAG])
+
+
+def alias_version(client, name: str, alias: str):
+    """The model version an alias points to, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def get_version(client, name: str, version: str | None):
+    """A version by number, or the candidate when None; a clear error when it does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    if version is None:
+        found = alias_version(client, name, CANDIDATE)
+        if found is None:
+            raise RegistryError(f"model '{name}' has no '{CANDIDATE}' version: run the pipeline (dvc repro) first")
+        return found
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException:
+        raise RegistryError(f"model '{name}' has no version {version}") from None
+
+
+def decide(candidate: Version, champion: Version | None, force: bool) -> str | None:
+    """Why the candidate must not replace the champion, or None when it may."""
+    if champion is None or force:
+        return None
+    if candidate.number == champion.number:
+        return f"version {candidate.number} is already the {CHAMPION}"
+    if candidate.digest != champion.digest:
+        return (f"version {candidate.number} was tested on another test set (digest {candidate.digest[:12]}) than "
+                f"{CHAMPION} version {champion.number} ({champion.digest[:12]}); their scores do not compare. "
+                f"Use --force to promote anyway")
+    if candidate.cider_d <= champion.cider_d:
+        return (f"version {candidate.number} (test CIDEr-D {candidate.cider_d:.4f}) does not beat {CHAMPION} "
+                f"version {champion.number} ({champion.cider_d:.4f}). Use --force to promote anyway")
+    return None
+
+
+def _move(client, name: str, alias: str, new, old) -> str:
+    client.set_registered_model_alias(name, alias, str(new.version))
+    was = f"version {old.version}" if old is not None else "nothing"
+    return f"{name}@{alias}: {was} -> version {new.version}"
+
+
+def promote(client, name: str, version: str | None = None, force: bool = False) -> list[str]:
+    """Moves `champion` to the version (default: the candidate) if it beats the champion; returns what moved."""
+    target = get_version(client, name, version)
+    champion = alias_version(client, name, CHAMPION)
+    if champion is not None and str(champion.version) == str(target.version):
+        raise RegistryError(f"version {target.version} is already the {CHAMPION}")
+    reason = decide(Version.of(target), Version.of(champion) if champion is not None else None, force)
+    if reason:
+        raise RegistryError(reason)
+    moved = []
+    if champion is not None:
+        moved.append(_move(client, name, PREVIOUS, champion, alias_version(client, name, PREVIOUS)))
+    moved.append(_move(client, name, CHAMPION, target, champion))
+    return moved
+
+
+def rollback(client, name: str) -> list[str]:
+    """Swaps `champion` and `previous`: the previous champion serves again in one step."""
+    champion, previous = alias_version(client, name, CHAMPION), alias_version(client, name, PREVIOUS)
+    if previous is None:
+        raise RegistryError(f"model '{name}' has no '{PREVIOUS}' version to roll back to")
+    moved = [_move(client, name, CHAMPION, previous, champion)]
+    if champion is not None:
+        moved.append(_move(client, name, PREVIOUS, champion, previous))
+    return moved
+
+
+def version_for_run(client, name: str, run_id: str):
+    """The version already registered from this run, if any (registration is idempotent)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    return max(found, key=lambda mv: int(mv.version)) if found else None

@@ -1,0 +1,141 @@
+"""Registering, promoting, rolling back and loading the captioner through a real MLflow store."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from fashioncap import registry
+from fashioncap.register import register
+
+NAME = "fashion-captioner"
+
+
+def table(cider: float, digest: str = "d1") -> dict:
+    scores = {"bleu_1": 0.5, "bleu_2": 0.4, "bleu_3": 0.3, "bleu_4": 0.2, "cider_d": cider, "rouge_l": 0.5}
+    return {"test_items": 20, "novel_items": 18, "before": {**scores, "cider_d": 0.01}, "after": scores,
+            "test_digest": digest, "exact_match_after": 0.0}
+
+
+def png_b64(colour=(200, 30, 30), size=(40, 40)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def new_run(params) -> str:
+    import mlflow
+
+    from fashioncap import tracking
+
+    run = tracking.start_run(params)
+    mlflow.end_run()
+    return run.info.run_id
+
+
+def test_register_is_idempotent_and_tags_the_version(registry_env, tiny_params):
+    client, model_dir, data_dir = registry_env
+    run_id = new_run(tiny_params)
+    v1 = register(tiny_params, run_id, model_dir, data_dir, table(1.5))
+    again = register(tiny_params, run_id, model_dir, data_dir, table(1.5))
+    assert again == v1 == "1"
+    assert len(client.search_model_versions(f"name = '{NAME}'")) == 1
+    mv = client.get_model_version_by_alias(NAME, registry.CANDIDATE)
+    assert str(mv.version) == "1"
+    assert mv.tags[registry.CIDER_TAG] == "1.5" and mv.tags[registry.DIGEST_TAG] == "d1"
+    assert mv.tags[registry.RUN_TAG] == run_id and mv.tags[registry.COMMIT_TAG]
+    assert "Test CIDEr-D 0.010 -> 1.500" in mv.description and "Limitations" in mv.description
+
+
+def test_registry_model_loads_by_alias_and_captions_a_batch(registry_env, tiny_params):
+    import mlflow
+    import pandas as pd
+    from mlflow.exceptions import MlflowException
+
+    client, model_dir, data_dir = registry_env
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(1.0))
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@{registry.CANDIDATE}")
+    captions = model.predict(pd.DataFrame({"image": [png_b64(), png_b64((0, 0, 200))]}))
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    beams = model.predict(pd.DataFrame({"image": [png_b64()]}), params={"num_beams": 2, "max_new_tokens": 3})
+    assert len(beams[0].split()) <= 3
+    with pytest.raises(MlflowException, match="image 1: invalid base64"):
+        model.predict(pd.DataFrame({"image": [png_b64(), "%%%not base64"]}))
+    requirements = mlflow.pyfunc.get_model_dependencies(f"models:/{NAME}/1")
+    assert any(line.startswith("pillow==") for line in open(requirements).read().splitlines())
+
+
+def test_promote_needs_a_better_score_on_the_same_test_set(registry_env, tiny_params):
+    client, model_dir, data_dir = registry_env
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(2.0))
+    assert registry.promote(client, NAME) == [f"{NAME}@champion: nothing -> version 1"]
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(1.0))  # version 2, worse
+    with pytest.raises(registry.RegistryError, match="does not beat champion version 1"):
+        registry.promote(client, NAME)
+    assert registry.promote(client, NAME, force=True) == [
+        f"{NAME}@previous: nothing -> version 1", f"{NAME}@champion: version 1 -> version 2"]
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(9.0, digest="other"))  # version 3
+    with pytest.raises(registry.RegistryError, match="another test set"):
+        registry.promote(client, NAME, "3")
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(3.0))  # version 4, better
+    assert registry.promote(client, NAME, "4")[-1] == f"{NAME}@champion: version 2 -> version 4"
+
+
+def test_rollback_restores_the_previous_champion_in_one_step(registry_env, tiny_params):
+    client, model_dir, data_dir = registry_env
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(1.0))
+    registry.promote(client, NAME)
+    with pytest.raises(registry.RegistryError, match="no 'previous' version"):
+        registry.rollback(client, NAME)
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(2.0))
+    registry.promote(client, NAME)
+    assert registry.rollback(client, NAME) == [f"{NAME}@champion: version 2 -> version 1",
+                                               f"{NAME}@previous: version 1 -> version 2"]
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+
+
+def test_a_champion_set_by_hand_in_the_ui_is_honoured(registry_env, tiny_params):
+    client, model_dir, data_dir = registry_env
+    for cider in (1.0, 5.0, 3.0):
+        register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(cider))
+    client.set_registered_model_alias(NAME, "champion", "2")  # what the UI's alias editor does
+    with pytest.raises(registry.RegistryError, match="does not beat champion version 2"):
+        registry.promote(client, NAME, "3")
+    with pytest.raises(registry.RegistryError, match="has no version 42"):
+        registry.promote(client, NAME, "42")
+
+
+def run_cli(*args, env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "fashioncap.cli", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def test_cli_caption_reports_bad_files_and_fails_only_when_all_fail(registry_env, tiny_params, tmp_path, cli_env):
+    client, model_dir, data_dir = registry_env
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (50, 40), (10, 200, 10)).save(folder / "a.png")
+    Image.new("CMYK", (30, 30)).save(folder / "b.jpg")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    missing = run_cli("caption", str(folder), env=cli_env)
+    assert missing.returncode == 2 and "no version with alias 'champion'" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(1.0))
+    promoted = run_cli("promote", env=cli_env)
+    assert promoted.returncode == 0 and "champion: nothing -> version 1" in promoted.stdout
+    out = run_cli("caption", str(folder), "--json", env=cli_env)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [line["file"].rsplit("/", 1)[1] for line in lines] == ["a.png", "b.jpg"]
+    assert "broken.png" in out.stderr and "Traceback" not in out.stderr
+    only_bad = run_cli("caption", str(folder / "broken.png"), env=cli_env)
+    assert only_bad.returncode == 1
+    unknown = run_cli("promote", "7", env=cli_env)
+    assert unknown.returncode == 2 and "has no version 7" in unknown.stderr
