@@ -90,7 +90,7 @@ def test_registered_version_is_the_candidate_and_promotes(first_run):
     assert candidate.tags["data_digest"] == evaluation["test_digest"]
     promoted = sh([str(BIN / "fashioncap"), "promote"], first_run)
     assert "fashion-captioner@champion: nothing -> version 1" in promoted.stdout
-    again = sh([str(BIN / "dvc"), "repro", "register"], first_run)  # idempotent: no second version
+    again = sh([str(BIN / "dvc"), "repro", "--force", "--single-item", "register"], first_run)  # re-run: no new version
     assert len(client.search_model_versions("name = 'fashion-captioner'")) == 1, again.stdout
 
 
