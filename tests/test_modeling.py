@@ -60,3 +60,16 @@ def test_scratch_model_is_seeded_and_generates_with_its_own_special_tokens(tiny_
         processor.tokenizer.bos_token_id, processor.tokenizer.sep_token_id, processor.tokenizer.pad_token_id)
     captions = caption_batch(a, processor, [p.image for p in products], tiny_params.generate)
     assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
+
+
+def test_unloadable_pretrained_model_is_a_clear_error_not_a_traceback(tiny_raw, tiny_model, write_params, tmp_path):
+    import subprocess
+    import sys
+
+    _, data_dir = tiny_model
+    raw = dict(tiny_raw, model={**tiny_raw["model"], "init": str(tmp_path / "no-such-blip")})
+    proc = subprocess.run([sys.executable, "-m", "fashioncap.train", "--params", str(write_params(raw)),
+                           "--data", str(data_dir), "--model-dir", str(tmp_path / "best")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert "cannot load the processor of model.init" in proc.stderr and "Traceback" not in proc.stderr

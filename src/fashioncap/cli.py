@@ -12,11 +12,23 @@ import sys
 from pathlib import Path
 
 from . import registry, tracking
-from .runtime import configure_environment, progress
+from .runtime import FashioncapError, configure_environment, progress, project_root
 
 log = logging.getLogger(__name__)
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_NAME = "fashion-captioner"
+
+
+def model_name(given: str | None) -> str:
+    """--name if given, else registry.name from the project's params.yaml, else the default name."""
+    if given:
+        return given
+    from .config import ConfigError, load_params
+
+    try:
+        return load_params(project_root() / "params.yaml").registry.name
+    except ConfigError:
+        return DEFAULT_NAME
 
 
 def _client():
@@ -26,13 +38,13 @@ def _client():
 
 
 def cmd_promote(args) -> int:
-    for line in registry.promote(_client(), args.name, args.version, args.force):
+    for line in registry.promote(_client(), model_name(args.name), args.version, args.force):
         print(line)
     return 0
 
 
 def cmd_rollback(args) -> int:
-    for line in registry.rollback(_client(), args.name):
+    for line in registry.rollback(_client(), model_name(args.name)):
         print(line)
     return 0
 
@@ -115,7 +127,7 @@ def cmd_caption(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fashioncap", description=__doc__)
-    p.add_argument("--name", default=DEFAULT_NAME, help="registered model name (default: %(default)s)")
+    p.add_argument("--name", help="registered model name (default: registry.name of params.yaml)")
     sub = p.add_subparsers(dest="command", required=True)
     promote = sub.add_parser("promote", help="make a version the champion if it beats the current one")
     promote.add_argument("version", nargs="?", help="version number (default: the candidate)")
@@ -123,13 +135,13 @@ def parser() -> argparse.ArgumentParser:
     promote.set_defaults(func=cmd_promote)
     sub.add_parser("rollback", help="make the previous champion serve again").set_defaults(func=cmd_rollback)
     serve = sub.add_parser("serve", help="serve a registry model with `mlflow models serve`")
-    serve.add_argument("--model", default=f"models:/{DEFAULT_NAME}@champion")
+    serve.add_argument("--model", help="model URI (default: models:/<name>@champion)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=5001)
     serve.set_defaults(func=cmd_serve)
     caption = sub.add_parser("caption", help="caption image files or folders with a registry model")
     caption.add_argument("paths", nargs="+")
-    caption.add_argument("--model", default=f"models:/{DEFAULT_NAME}@champion")
+    caption.add_argument("--model", help="model URI (default: models:/<name>@champion)")
     caption.add_argument("--json", action="store_true", help="one JSON object per line")
     caption.add_argument("--batch-size", type=int, default=16)
     caption.set_defaults(func=cmd_caption)
@@ -138,11 +150,13 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
+    if getattr(args, "model", "unset") is None:
+        args.model = f"models:/{model_name(args.name)}@champion"
     configure_environment()
     logging.basicConfig(level=os.environ.get("FASHIONCAP_LOG", "WARNING"), format="%(levelname)s %(message)s")
     try:
         sys.exit(args.func(args))
-    except registry.RegistryError as error:
+    except FashioncapError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 

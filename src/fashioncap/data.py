@@ -12,6 +12,7 @@ from PIL import Image
 
 from .config import DataParams
 from .metrics import normalize_caption
+from .runtime import FashioncapError
 from .synthetic import catalogue
 
 log = logging.getLogger(__name__)
@@ -20,7 +21,7 @@ SPLITS = ("train", "validation", "test")
 OFFLINE_HINT = "dvc exp run -S profile=offline"
 
 
-class DataSourceError(RuntimeError):
+class DataSourceError(FashioncapError):
     """The configured data source cannot be read; the message says what to do."""
 
 
@@ -109,7 +110,12 @@ def read_source(cfg: DataParams, seed: int) -> Iterator[RawItem]:
         _check_hub(cfg)
         import datasets
 
-        dataset = datasets.load_dataset(cfg.hub_id, revision=cfg.revision, split=cfg.hub_split)
+        try:
+            dataset = datasets.load_dataset(cfg.hub_id, revision=cfg.revision, split=cfg.hub_split)
+        except (OSError, ValueError, ConnectionError) as error:  # offline without a cache, bad split, ...
+            raise DataSourceError(f"cannot load dataset '{cfg.hub_id}' (split '{cfg.hub_split}', revision "
+                                  f"'{cfg.revision}'): {str(error).splitlines()[0][:300]}. "
+                                  f"To run without the Hub: {OFFLINE_HINT}") from None
         items = _hf_items(dataset, cfg, f"dataset '{cfg.hub_id}'")
     for count, item in enumerate(items):
         if cfg.max_items is not None and count >= cfg.max_items:

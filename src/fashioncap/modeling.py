@@ -9,6 +9,11 @@ from PIL import Image
 
 from .config import GenerateParams, ModelParams
 from .metrics import normalize_caption
+from .runtime import FashioncapError
+
+class ModelSourceError(FashioncapError):
+    """The configured model cannot be loaded; the message says what to do."""
+
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")
 IGNORE_INDEX = -100
@@ -31,7 +36,12 @@ def build_processor(cfg: ModelParams, train_captions: Sequence[str]):
     from transformers import BlipImageProcessor, BlipProcessor
 
     if not cfg.from_scratch:
-        return BlipProcessor.from_pretrained(cfg.init)
+        try:
+            return BlipProcessor.from_pretrained(cfg.init)
+        except (OSError, ValueError) as error:  # not on the Hub, no network, not a BLIP directory, bad id
+            raise ModelSourceError(f"cannot load the processor of model.init '{cfg.init}': "
+                                   f"{str(error).splitlines()[0][:300]}. To run without the Hub: "
+                                   "dvc exp run -S profile=offline") from None
     image_processor = BlipImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size})
     return BlipProcessor(image_processor=image_processor, tokenizer=build_tokenizer(train_captions))
 
@@ -63,7 +73,11 @@ def initial_model(cfg: ModelParams, processor, seed: int):
     if cfg.from_scratch:
         set_seed(seed)
         return BlipForConditionalGeneration(scratch_config(cfg, processor.tokenizer))
-    model = BlipForConditionalGeneration.from_pretrained(cfg.init, use_safetensors=True)
+    try:
+        model = BlipForConditionalGeneration.from_pretrained(cfg.init, use_safetensors=True)
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(f"cannot load safetensors weights of model.init '{cfg.init}': "
+                               f"{str(error).splitlines()[0][:300]}") from None
     model.config.text_config.label_smoothing = cfg.label_smoothing
     model.text_decoder.label_smoothing = cfg.label_smoothing
     return model

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .runtime import FashioncapError
+
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 CIDER_TAG, BLEU_TAG, DIGEST_TAG, RUN_TAG, COMMIT_TAG = "test_cider_d", "test_bleu_4", "data_digest", "run_id", "git_commit"
 
 
-class RegistryError(RuntimeError):
+class RegistryError(FashioncapError):
     """A registry operation that cannot or must not happen; the message says why."""
 
 

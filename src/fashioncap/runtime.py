@@ -12,6 +12,10 @@ from typing import TypeVar
 T = TypeVar("T")
 
 # Each of these would make a network call (telemetry, update checks) that stalls an offline run.
+class FashioncapError(RuntimeError):
+    """An error whose message tells the user what to do; entry points print it without a traceback."""
+
+
 QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "HF_HUB_DISABLE_TELEMETRY": "1",
@@ -49,7 +53,6 @@ def progress(iterable: Iterable[T], **kwargs) -> Iterable[T]:
 def run_stage(main: Callable[[], None]) -> None:
     """Runs an entry point: environment and logging first, and known errors as one paragraph, exit 2."""
     from .config import ConfigError
-    from .data import DataSourceError
 
     configure_environment()
     logging.basicConfig(level=os.environ.get("FASHIONCAP_LOG", "INFO"),
@@ -58,6 +61,6 @@ def run_stage(main: Callable[[], None]) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         main()
-    except (ConfigError, DataSourceError) as error:
+    except (ConfigError, FashioncapError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
