@@ -12,7 +12,7 @@ from PIL import Image
 from fashioncap.config import parse_params
 from fashioncap.data import DataSourceError, clean_caption, read_source, split_of
 from fashioncap.imaging import to_model_image
-from tests.conftest import REPO, compose
+from tests.conftest import compose
 
 
 def test_split_depends_only_on_the_key():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -11,7 +10,7 @@ from pathlib import Path
 from .config import Params, load_params
 from .metrics import caption_scores
 from .modeling import caption_all, initial_model
-from .runtime import run_stage
+from .runtime import run_stage, stage_args
 from . import tracking
 
 log = logging.getLogger(__name__)
@@ -74,23 +73,16 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", default="data/prepared")
-    parser.add_argument("--model-dir", default="models/best")
-    parser.add_argument("--run-ref", default="models/run.json")
-    parser.add_argument("--metrics", default="metrics/eval.json")
-    parser.add_argument("--predictions", default="reports/predictions.jsonl")
-    args = parser.parse_args(argv)
+    args = stage_args(__doc__, argv, data="data/prepared", model_dir="models/best", run_ref="models/run.json",
+                      metrics="metrics/eval.json", predictions="reports/predictions.jsonl")
     params = load_params(args.params)
-    table, predictions = evaluate(params, Path(args.data), Path(args.model_dir), params.evaluate.max_items)
-
-    metrics, preds = Path(args.metrics), Path(args.predictions)
+    table, predictions = evaluate(params, args.data, args.model_dir, params.evaluate.max_items)
+    metrics, preds = args.metrics, args.predictions
     metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.write_text(json.dumps(table, indent=2) + "\n")
     preds.parent.mkdir(parents=True, exist_ok=True)
     preds.write_text("".join(json.dumps(p) + "\n" for p in predictions))
-    with tracking.resume_run(tracking.read_run_ref(Path(args.run_ref))):
+    with tracking.resume_run(tracking.read_run_ref(args.run_ref)):
         import mlflow
 
         mlflow.log_metrics(mlflow_metrics(table))

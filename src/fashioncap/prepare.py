@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
 from collections import Counter
 from pathlib import Path
 
-from .runtime import progress, run_stage
+from .runtime import progress, run_stage, stage_args
 from .config import Params, load_params
-from .data import SPLITS, clean_caption, read_source, split_of
+from .data import SPLITS, DataSourceError, clean_caption, read_source, split_of
 from .imaging import encode_image, to_model_image
 
 log = logging.getLogger(__name__)
@@ -72,21 +71,17 @@ def save(rows: dict[str, list[dict]], out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", default="data/prepared")
-    parser.add_argument("--metrics", default="metrics/prepare.json")
-    args = parser.parse_args(argv)
-
+    args = stage_args(__doc__, argv, out="data/prepared", metrics="metrics/prepare.json")
     params = load_params(args.params)
     rows, dropped = build_splits(params)
     empty = [s for s in SPLITS if not rows[s]]
     if empty:
-        raise ValueError(f"split(s) {empty} are empty: the source holds too few items for the split fractions")
-    save(rows, Path(args.out))
+        raise DataSourceError(f"split(s) {empty} are empty: the source holds too few items for the split "
+                              "fractions (data.val_fraction, data.test_fraction)")
+    save(rows, args.out)
     summary = summarise(rows, dropped)
-    Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.metrics).write_text(json.dumps(summary, indent=2) + "\n")
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    args.metrics.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("prepared %d items (%s); %.1f%% of test captions also in train", summary["items"],
              ", ".join(f"{s}={summary[f'{s}_items']}" for s in SPLITS), 100 * summary["test_caption_overlap"])
 

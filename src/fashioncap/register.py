@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import logging
@@ -12,7 +11,7 @@ from pathlib import Path
 
 from . import registry, tracking
 from .config import Params, load_params
-from .runtime import run_stage
+from .runtime import run_stage, stage_args
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +112,13 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", default="data/prepared")
-    parser.add_argument("--model-dir", default="models/best")
-    parser.add_argument("--run-ref", default="models/run.json")
-    parser.add_argument("--eval", default="metrics/eval.json")
-    parser.add_argument("--out", default="models/registered.json")
-    args = parser.parse_args(argv)
+    args = stage_args(__doc__, argv, data="data/prepared", model_dir="models/best", run_ref="models/run.json",
+                      eval="metrics/eval.json", out="models/registered.json")
     params = load_params(args.params)
-    table = json.loads(Path(args.eval).read_text())
-    run_id = tracking.read_run_ref(Path(args.run_ref))
-    version = register(params, run_id, Path(args.model_dir), Path(args.data), table)
-    Path(args.out).write_text(json.dumps({"name": params.registry.name, "version": version,
+    table = json.loads(args.eval.read_text())
+    run_id = tracking.read_run_ref(args.run_ref)
+    version = register(params, run_id, args.model_dir, args.data, table)
+    args.out.write_text(json.dumps({"name": params.registry.name, "version": version,
                                           "run_id": run_id}, indent=2) + "\n")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -44,6 +45,15 @@ def project_root() -> Path:
         if (folder / "dvc.yaml").is_file():
             return folder
     return here
+
+
+def stage_args(doc: str | None, argv: list[str] | None, **paths: str) -> argparse.Namespace:
+    """Parses a stage's command line: --params, and one --<name> option per path (values are Paths)."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    for name, default in paths.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=Path, default=Path(default))
+    return parser.parse_args(argv)
 
 
 def progress(iterable: Iterable[T], **kwargs) -> Iterable[T]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -16,7 +15,7 @@ import torch
 from .config import Params, TrainParams, load_params
 from .metrics import caption_scores
 from .modeling import Collator, build_processor, caption_all, initial_model
-from .runtime import run_stage
+from .runtime import run_stage, stage_args
 from . import tracking
 
 log = logging.getLogger(__name__)
@@ -84,7 +83,7 @@ def make_scheduler(optimizer, cfg: TrainParams):
 
 @torch.no_grad()
 def validate(model, processor, rows, collate, params: Params) -> dict[str, float]:
-    """Validation loss and CIDEr-D (greedy-free: the configured generation) on a bounded sample."""
+    """Validation loss and CIDEr-D (captions from the configured generation) on a bounded sample."""
     model.eval()
     losses, weights = [], []
     for start in range(0, len(rows), params.train.batch_size):
@@ -173,7 +172,8 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     val_rows = list(dataset["validation"].select(range(min(cfg.eval_samples, len(dataset["validation"])))))
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    # the scheduler stays unwrapped: it counts optimizer steps, whatever the number of processes
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     n_params = sum(p.numel() for p in model.parameters())
     log.info("training %.2fM parameters on %s (%s), %d train items, batch %d x %d accumulation",
              n_params / 1e6, accelerator.device, accelerator.mixed_precision, len(dataset["train"]),
@@ -194,13 +194,13 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-            optimizer.step()
-            scheduler.step()
+            optimizer.step()  # a no-op on accumulation steps
             optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             continue
         step += 1
-        pending.append((step, loss.detach(), scheduler.get_last_lr()[0]))
+        pending.append((step, loss.detach(), scheduler.get_last_lr()[0]))  # the lr this step used
+        scheduler.step()
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             # .item() is a device sync point: fetch the losses of several steps at once
             rows = [{"step": s, "loss": l.item(), "lr": lr} for s, l, lr in pending]
@@ -257,20 +257,12 @@ def _finish(summary: dict, train_log: list[dict], val_log: list[dict], out: Outp
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", default="data/prepared")
-    parser.add_argument("--model-dir", default="models/best")
-    parser.add_argument("--run-ref", default="models/run.json")
-    parser.add_argument("--metrics", default="metrics/train.json")
-    parser.add_argument("--train-log", default="metrics/train_log.csv")
-    parser.add_argument("--val-log", default="metrics/val_log.csv")
-    args = parser.parse_args(argv)
+    args = stage_args(__doc__, argv, data="data/prepared", model_dir="models/best", run_ref="models/run.json",
+                      metrics="metrics/train.json", train_log="metrics/train_log.csv", val_log="metrics/val_log.csv")
     params = load_params(args.params)
-    out = Outputs(Path(args.model_dir), Path(args.run_ref), Path(args.metrics), Path(args.train_log),
-                  Path(args.val_log))
+    out = Outputs(args.model_dir, args.run_ref, args.metrics, args.train_log, args.val_log)
     try:
-        train(params, Path(args.data), out)
+        train(params, args.data, out)
     except BaseException as error:
         import mlflow
 
