@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 # A tiny offline configuration: the same code paths as the real job, seconds instead of minutes.
 TINY_OVERRIDES = [
@@ -120,3 +124,32 @@ def registry_env(tmp_path, monkeypatch, tiny_model):
 def cli_env(registry_env, tmp_path) -> dict:
     """The environment a user's shell would have, pointing at the test's store."""
     return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+
+
+def sh(args: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    """Runs a command as a user's shell would (the venv's tools first on PATH); fails the test on error."""
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
+    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def set_args(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("-S", o)]
+
+
+def clone_project(dest: Path) -> Path:
+    """A fresh git repository holding the project's files, as a user's clone would, with its DVC remote
+    in a folder of the test's own."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        src = REPO / name
+        if src.is_file() and not name.startswith(("data/prepared", "models/", "metrics/", "reports/")):
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    for args in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
+                 ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+        sh(args, dest)
+    sh([str(BIN / "dvc"), "remote", "modify", "--local", "local", "url", str(dest.parent / "dvc-remote")], dest)
+    return dest

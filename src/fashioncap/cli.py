@@ -49,6 +49,15 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from .reproduce import reproduce
+
+    logging.getLogger("fashioncap").setLevel(logging.INFO)  # the re-run takes minutes: say what happens
+    text, same = reproduce(args.ref, project_root(), _client(), keep=args.keep)
+    print(text)
+    return 0 if same else 1
+
+
 def _check_alias(uri: str) -> None:
     """Fails clearly when a models:/name@alias URI names an alias that is not set."""
     if uri.startswith("models:/") and "@" in uri:
@@ -139,6 +148,10 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=5001)
     serve.set_defaults(func=cmd_serve)
+    reproduce = sub.add_parser("reproduce", help="re-run what produced a run, model version, experiment or commit")
+    reproduce.add_argument("ref", help="MLflow run id, models:/name@alias or models:/name/N, DVC experiment, git rev")
+    reproduce.add_argument("--keep", action="store_true", help="keep the worktree of the re-run")
+    reproduce.set_defaults(func=cmd_reproduce)
     caption = sub.add_parser("caption", help="caption image files or folders with a registry model")
     caption.add_argument("paths", nargs="+")
     caption.add_argument("--model", help="model URI (default: models:/<name>@champion)")

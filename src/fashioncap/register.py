@@ -9,7 +9,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from . import registry, tracking
+from . import lineage, registry, tracking
 from .config import Params, load_params
 from .runtime import run_stage, stage_args
 
@@ -72,11 +72,22 @@ def model_card(params: Params, table: dict, run) -> str:
     ])
 
 
+def log_lineage(client, run_id: str, model_dir: Path) -> None:
+    """Adds what the whole pipeline used to its run: params.yaml, dvc.lock and the model's DVC digest."""
+    digest = lineage.lock_digests(Path("dvc.lock")).get(model_dir.as_posix())
+    if digest:
+        client.set_tag(run_id, "model.digest", digest)
+    for path in ("params.yaml", "dvc.lock"):
+        if Path(path).is_file():
+            client.log_artifact(run_id, path, artifact_path="lineage")
+
+
 def register(params: Params, run_id: str, model_dir: Path, data_dir: Path, table: dict):
     """Logs and registers the model once per run, then points `candidate` at it; returns the version number."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking.tracking_uri())
+    log_lineage(client, run_id, model_dir)
     name = params.registry.name
     version = registry.version_for_run(client, name, run_id)
     if version is not None:
@@ -105,6 +116,7 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
             pip_requirements=pip_requirements())
     tags = {registry.CIDER_TAG: str(table["after"]["cider_d"]), registry.BLEU_TAG: str(table["after"]["bleu_4"]),
             registry.DIGEST_TAG: table["test_digest"], registry.RUN_TAG: run_id,
+            "model_digest": run.data.tags.get("model.digest", "unknown"),
             registry.COMMIT_TAG: run.data.tags.get("mlflow.source.git.commit", "unknown")}
     version = mlflow.register_model(info.model_uri, params.registry.name, tags=tags)
     client.update_model_version(params.registry.name, version.version, description=model_card(params, table, run))

@@ -13,7 +13,8 @@ from typing import TypeVar
 
 T = TypeVar("T")
 
-# Each of these would make a network call (telemetry, update checks) that stalls an offline run.
+# Telemetry and update checks would make network calls that stall an offline run; the rest keeps runs
+# deterministic and quiet.
 class FashioncapError(RuntimeError):
     """An error whose message tells the user what to do; entry points print it without a traceback."""
 
@@ -24,6 +25,8 @@ QUIET_ENV = {
     "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # deterministic cuBLAS, needed by torch.use_deterministic_algorithms on a GPU
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
 }
 
 

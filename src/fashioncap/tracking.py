@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from . import lineage
 from .config import Params, flatten
 from .runtime import project_root
 
@@ -51,13 +52,25 @@ def run_name(params: Params) -> str:
     return f"{exp}-{params.profile}-{model}-lr{params.train.lr:g}"
 
 
-def start_run(params: Params):
-    """Starts the pipeline's run and logs every parameter (flattened)."""
+def start_run(params: Params, extra_tags: dict[str, str] | None = None):
+    """Starts the pipeline's run, tagged with its lineage, and logs every parameter (flattened)."""
     mlflow = _mlflow()
+    tags = {**run_tags(params), **lineage.git_state(Path.cwd()), **(extra_tags or {})}
     run = mlflow.start_run(experiment_id=experiment_id(params.tracking.experiment), run_name=run_name(params),
-                           tags=run_tags(params))
+                           tags=tags)
     mlflow.log_params({k: "null" if v is None else v for k, v in flatten(params).items()})
     return run
+
+
+def log_dataset(data_dir: Path, context: str) -> str:
+    """Logs the prepared data as the run's dataset input, with the digest DVC recorded for it."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    digest = lineage.lock_digests(Path("dvc.lock")).get(data_dir.as_posix()) or lineage.dataset_digest(data_dir)
+    dataset = MetaDataset(resolve_dataset_source(data_dir.resolve().as_uri()), name=data_dir.name, digest=digest)
+    _mlflow().log_input(dataset, context=context)
+    return digest
 
 
 def resume_run(run_id: str):

@@ -164,6 +164,8 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision),
                               gradient_accumulation_steps=cfg.grad_accum_steps)
     set_seed(params.seed)
+    # bit-identical re-runs on the CPU; on a GPU, ops without a deterministic kernel only warn
+    torch.use_deterministic_algorithms(True, warn_only=True)
     collate = Collator(processor, params.model.max_caption_tokens, model.config.text_config.bos_token_id)
     loader = torch.utils.data.DataLoader(
         dataset["train"], batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, drop_last=True,
@@ -182,9 +184,12 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     tracker = BestTracker(cfg.metric, cfg.patience)
     train_log: list[dict] = []
     pending: list[tuple[int, torch.Tensor, float]] = []
-    run = tracking.start_run(params) if accelerator.is_main_process else None
-    if run is not None:
+    run = None
+    if accelerator.is_main_process:
+        run = tracking.start_run(params, {"device": accelerator.device.type,
+                                          "mixed_precision": accelerator.mixed_precision})
         tracking.write_run_ref(out.run_ref, run.info.run_id, params.tracking.experiment)
+        mlflow.set_tag("data.digest", tracking.log_dataset(data_dir, context="train"))
     stop_reason, step, started = f"reached train.max_steps ({cfg.max_steps})", 0, time.perf_counter()
     batches = forever(loader)
     model.train()

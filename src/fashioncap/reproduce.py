@@ -1,0 +1,186 @@
+"""`fashioncap reproduce REF`: re-run what produced a result in a separate git worktree and compare.
+
+REF is an MLflow run id, a model URI (models:/name@alias, models:/name/N), a DVC experiment name or a
+git revision. The user's work tree is never touched: the code and params of REF are checked out in a
+temporary `git worktree` that shares the repository's DVC cache and remote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .runtime import FashioncapError
+
+log = logging.getLogger(__name__)
+
+# bf16 autocast and non-deterministic GPU kernels move metrics slightly between runs.
+GPU_RELATIVE_TOLERANCE = 0.02
+
+
+class ReproduceError(FashioncapError):
+    """REF cannot be reproduced; the message says why."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to check out, what it was, and the metrics it originally reached."""
+
+    revision: str
+    what: str
+    original: dict[str, float]
+    tolerance: float
+
+
+def git(args: list[str], cwd: Path, check: bool = True) -> str | None:
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        if check:
+            raise ReproduceError(f"git {' '.join(args)} failed: {proc.stderr.strip()[:300]}")
+        return None
+    return proc.stdout.strip()
+
+
+def exp_revision(repo: Path, name: str) -> str | None:
+    """The commit of the DVC experiment called `name` (its ref lives under refs/exps)."""
+    refs = git(["for-each-ref", "--format=%(refname) %(objectname)", "refs/exps"], repo, check=False) or ""
+    for line in refs.splitlines():
+        refname, sha = line.split()
+        if refname.rsplit("/", 1)[-1] == name:
+            return sha
+    return None
+
+
+def metrics_at(repo: Path, revision: str) -> dict[str, float]:
+    """The test metrics committed at a revision (metrics/eval.json), flattened as MLflow names them."""
+    from .evaluate import mlflow_metrics
+
+    text = git(["show", f"{revision}:metrics/eval.json"], repo, check=False)
+    return mlflow_metrics(json.loads(text)) if text else {}
+
+
+def _from_run(client, run_id: str, repo: Path, what: str) -> Target:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise ReproduceError(f"no MLflow run {run_id} in this tracking store") from None
+    tags = run.data.tags
+    original = {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
+    tolerance = GPU_RELATIVE_TOLERANCE if tags.get("device", "cpu") != "cpu" else 0.0
+    exp = tags.get("dvc.exp_name")
+    revision = exp_revision(repo, exp) if exp else None
+    if revision:
+        return Target(revision, f"{what} (DVC experiment '{exp}')", original, tolerance)
+    if tags.get("git.dirty") == "true":
+        raise ReproduceError(f"run {run_id} was made from a tree with uncommitted changes "
+                             f"({tags.get('git.dirty_paths', 'unknown paths')}): its code and params are not in git")
+    commit = tags.get("git.commit") or tags.get("mlflow.source.git.commit")
+    if not commit or git(["cat-file", "-e", f"{commit}^{{commit}}"], repo, check=False) is None:
+        raise ReproduceError(f"commit {commit or '(none recorded)'} of run {run_id} is not in this repository; "
+                             "fetch it first")
+    return Target(commit, f"{what} (commit {commit[:10]})", original, tolerance)
+
+
+def resolve(ref: str, repo: Path, client) -> Target:
+    """Turns REF into the revision to check out and the metrics to compare with."""
+    from mlflow.exceptions import MlflowException
+
+    if ref.startswith("models:/"):
+        name, _, pick = ref.removeprefix("models:/").partition("@")
+        try:
+            if pick:
+                version = client.get_model_version_by_alias(name, pick)
+            else:
+                name, _, number = ref.removeprefix("models:/").rpartition("/")
+                version = client.get_model_version(name, number)
+        except MlflowException:
+            raise ReproduceError(f"{ref} is not in the model registry") from None
+        return _from_run(client, version.run_id, repo, f"{name} version {version.version}, run {version.run_id}")
+    if re.fullmatch(r"[0-9a-f]{32}", ref):
+        return _from_run(client, ref, repo, f"MLflow run {ref}")
+    revision = exp_revision(repo, ref)
+    if revision:
+        return Target(revision, f"DVC experiment '{ref}' ({revision[:10]})", metrics_at(repo, revision), 0.0)
+    commit = git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], repo, check=False)
+    if commit:
+        return Target(commit, f"git revision {ref} ({commit[:10]})", metrics_at(repo, commit), 0.0)
+    raise ReproduceError(f"'{ref}' is neither an MLflow run id, a models:/ URI, a DVC experiment nor a git revision")
+
+
+def _dvc(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+    return subprocess.run([dvc, *args], cwd=cwd, env=env, capture_output=True, text=True)
+
+
+def rerun(repo: Path, revision: str, keep: bool) -> tuple[dict[str, float], Path]:
+    """Checks the revision out in a temporary worktree, fetches or rebuilds the data, re-trains, re-evaluates."""
+    from .evaluate import mlflow_metrics
+
+    worktree = Path(tempfile.mkdtemp(prefix="fashioncap-reproduce-")) / "repo"
+    git(["worktree", "add", "--detach", str(worktree), revision], repo)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(worktree / "src"), os.environ.get("PYTHONPATH")]))}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the re-run is tracked in the worktree's own store, not the original's
+    try:
+        if (repo / ".dvc" / "config.local").is_file():  # the user's remote and credentials settings
+            shutil.copy2(repo / ".dvc" / "config.local", worktree / ".dvc" / "config.local")
+        _dvc(["cache", "dir", "--local", str(repo / ".dvc" / "cache")], worktree, env)
+        if _dvc(["pull", "prepare"], worktree, env).returncode == 0:
+            log.info("prepared data fetched from the DVC cache/remote")
+        else:
+            log.info("prepared data not in the DVC cache or remote: rebuilding it from its source")
+            built = _dvc(["repro", "prepare"], worktree, env)
+            if built.returncode != 0:
+                raise ReproduceError("the prepared data is missing from the DVC remote and rebuilding it failed:\n"
+                                     + (built.stderr or built.stdout).strip()[-1500:])
+        done = _dvc(["repro", "--force", "--single-item", "train", "evaluate"], worktree, env)
+        if done.returncode != 0:
+            raise ReproduceError("re-running the pipeline failed:\n" + (done.stderr or done.stdout).strip()[-2000:])
+        return mlflow_metrics(json.loads((worktree / "metrics" / "eval.json").read_text())), worktree
+    finally:
+        if not keep:
+            git(["worktree", "remove", "--force", str(worktree)], repo, check=False)
+            shutil.rmtree(worktree.parent, ignore_errors=True)
+
+
+def compare(original: dict[str, float], reproduced: dict[str, float], tolerance: float) -> tuple[list[tuple], bool]:
+    """Rows (metric, original, reproduced, ok) for the metrics both hold, and whether all agree."""
+    rows = []
+    for name in sorted(original.keys() & reproduced.keys()):
+        a, b = original[name], reproduced[name]
+        rows.append((name, a, b, a == b if tolerance == 0 else abs(a - b) <= tolerance * max(abs(a), 1e-12)))
+    return rows, bool(rows) and all(ok for *_, ok in rows)
+
+
+def report(target: Target, rows: list[tuple], same: bool) -> str:
+    """The side-by-side table and the verdict."""
+    lines = [f"reproducing {target.what}", f"{'metric':<34}{'original':>14}{'reproduced':>14}  same"]
+    lines += [f"{n:<34}{a:>14.6f}{b:>14.6f}  {'yes' if ok else 'NO'}" for n, a, b, ok in rows]
+    if not rows:
+        lines.append("verdict: no original metrics to compare with")
+    elif same:
+        rule = "identical" if target.tolerance == 0 else f"within {target.tolerance:.0%} (GPU run)"
+        lines.append(f"verdict: REPRODUCED ({rule})")
+    else:
+        lines.append(f"verdict: NOT REPRODUCED ({sum(not r[3] for r in rows)} of {len(rows)} metrics differ)")
+    return "\n".join(lines)
+
+
+def reproduce(ref: str, repo: Path, client, keep: bool = False) -> tuple[str, bool]:
+    """Resolves, re-runs and compares; returns the report and whether the result was reproduced."""
+    target = resolve(ref, repo, client)
+    reproduced, worktree = rerun(repo, target.revision, keep)
+    rows, same = compare(target.original, reproduced, target.tolerance)
+    text = report(target, rows, same)
+    if keep:
+        text += f"\nthe re-run is kept in {worktree}"
+    return text, same

@@ -1,0 +1,132 @@
+"""Reproduce a result from its git commit or DVC experiment; lineage; DVC remote round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fashioncap.reproduce import ReproduceError, compare, resolve
+from tests.conftest import BIN, TINY_OVERRIDES, clone_project, compose, set_args, sh
+
+pytestmark = pytest.mark.slow
+
+
+def git(repo: Path, *args: str) -> str:
+    return sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], repo).stdout.strip()
+
+
+def client_of(repo: Path):
+    from mlflow import MlflowClient
+
+    return MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory):
+    """A committed tiny pipeline run (plain `dvc repro`), then an experiment with another learning rate."""
+    repo = clone_project(tmp_path_factory.mktemp("repro") / "repo")
+    (repo / "params.yaml").write_text(yaml.safe_dump(compose(TINY_OVERRIDES), sort_keys=False))
+    git(repo, "commit", "-qam", "tiny params")
+    sh([str(BIN / "dvc"), "repro"], repo)
+    first_run = json.loads((repo / "models/run.json").read_text())["run_id"]
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "tiny results")
+    # with Hydra, -S composes params.yaml afresh from conf/: name the tiny overrides again
+    sh([str(BIN / "dvc"), "exp", "run", "-n", "faster", *set_args([*TINY_OVERRIDES, "train.lr=0.003"])], repo)
+    second_run = json.loads((repo / "models/run.json").read_text())["run_id"]
+    return repo, first_run, second_run
+
+
+def reproduce(repo: Path, ref: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "fashioncap"), "reproduce", ref], cwd=repo, capture_output=True, text=True,
+                          timeout=900, env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+
+
+def workspace_state(repo: Path) -> tuple[str, str, str]:
+    return (git(repo, "rev-parse", "HEAD"), git(repo, "status", "--porcelain"),
+            (repo / "metrics/eval.json").read_text())
+
+
+def test_every_run_records_commit_dirty_flag_data_digest_and_lineage_artifacts(history):
+    repo, first_run, second_run = history
+    client = client_of(repo)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    for run_id in (first_run, second_run):
+        run = client.get_run(run_id)
+        assert run.data.tags["git.commit"] and run.data.tags["device"] == "cpu"
+        assert run.data.tags["data.digest"] == run.inputs.dataset_inputs[0].dataset.digest
+        assert {a.path for a in client.list_artifacts(run_id, "lineage")} == {"lineage/params.yaml", "lineage/dvc.lock"}
+    first = client.get_run(first_run)
+    assert first.data.tags["git.dirty"] == "false" and "dvc.exp_name" not in first.data.tags
+    prepared = next(o for o in lock["stages"]["prepare"]["outs"] if o["path"] == "data/prepared")
+    second = client.get_run(second_run)
+    assert second.data.tags["dvc.exp_name"] == "faster"
+    assert second.data.tags["data.digest"] == prepared["md5"]
+    model = next(o for o in lock["stages"]["train"]["outs"] if o["path"] == "models/best")
+    assert second.data.tags["model.digest"] == model["md5"]
+
+
+def test_reproduce_a_committed_run_by_its_mlflow_run_id(history):
+    repo, first_run, _ = history
+    before = workspace_state(repo)
+    proc = reproduce(repo, first_run)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "verdict: REPRODUCED (identical)" in proc.stdout
+    assert "test_after_cider_d" in proc.stdout and " NO" not in proc.stdout
+    assert workspace_state(repo) == before
+    assert "fashioncap-reproduce" not in git(repo, "worktree", "list")
+
+
+def test_reproduce_an_experiment_by_its_name(history):
+    repo, _, second_run = history
+    before = workspace_state(repo)
+    proc = reproduce(repo, "faster")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "DVC experiment 'faster'" in proc.stdout and "verdict: REPRODUCED (identical)" in proc.stdout
+    assert workspace_state(repo) == before
+
+
+def test_unreproducible_references_say_why(history):
+    import mlflow
+
+    repo, first_run, _ = history
+    client = client_of(repo)
+    with pytest.raises(ReproduceError, match="neither an MLflow run id"):
+        resolve("no-such-thing", repo, client)
+    experiment = client.get_run(first_run).info.experiment_id
+    dirty = client.create_run(experiment, tags={"git.commit": git(repo, "rev-parse", "HEAD"), "git.dirty": "true",
+                                                "git.dirty_paths": "src/fashioncap/train.py"})
+    with pytest.raises(ReproduceError, match=r"uncommitted changes \(src/fashioncap/train.py\)"):
+        resolve(dirty.info.run_id, repo, client)
+    lost = client.create_run(experiment, tags={"git.commit": "f" * 40, "git.dirty": "false"})
+    with pytest.raises(ReproduceError, match="not in this repository"):
+        resolve(lost.info.run_id, repo, client)
+    with pytest.raises(ReproduceError, match="not in the model registry"):
+        resolve("models:/fashion-captioner/99", repo, client)
+    assert mlflow.active_run() is None
+
+
+def test_compare_is_exact_on_cpu_and_relative_on_gpu():
+    rows, same = compare({"a": 1.0, "b": 2.0}, {"a": 1.0, "b": 2.0 + 1e-12}, tolerance=0.0)
+    assert not same and rows[1][3] is False
+    _, same = compare({"a": 1.0}, {"a": 1.01}, tolerance=0.02)
+    assert same
+
+
+def test_data_and_models_pushed_by_one_clone_are_pulled_by_another(history, tmp_path):
+    repo, _, _ = history
+    sh([str(BIN / "dvc"), "push", "--all-commits"], repo)  # HEAD's outputs, not only the workspace's
+    other = tmp_path / "other"
+    sh(["git", "clone", "-q", str(repo), str(other)], tmp_path)
+    remote = sh([str(BIN / "dvc"), "remote", "list", "--local"], repo).stdout.split()[1]
+    sh([str(BIN / "dvc"), "remote", "modify", "--local", "local", "url", remote], other)
+    sh([str(BIN / "dvc"), "pull"], other)
+    status = sh([str(BIN / "dvc"), "status", "--json"], other).stdout
+    assert json.loads(status) == {}
+    for path in ("data/prepared", "models/best"):
+        assert sorted(p.name for p in (other / path).rglob("*")) == sorted(p.name for p in (repo / path).rglob("*"))
