@@ -111,6 +111,17 @@ def test_unreproducible_references_say_why(history):
     assert mlflow.active_run() is None
 
 
+def test_a_registered_version_resolves_to_the_run_that_made_it(history):
+    repo, first_run, second_run = history
+    client = client_of(repo)
+    candidate = resolve("models:/fashion-captioner@candidate", repo, client)
+    assert "DVC experiment 'faster'" in candidate.what and f"run {second_run}" in candidate.what
+    assert candidate.original == {k: v for k, v in client.get_run(second_run).data.metrics.items()
+                                  if k.startswith("test_")}
+    first = resolve("models:/fashion-captioner/1", repo, client)
+    assert first.revision == client.get_run(first_run).data.tags["git.commit"] and first.tolerance == 0.0
+
+
 def test_compare_is_exact_on_cpu_and_relative_on_gpu():
     rows, same = compare({"a": 1.0, "b": 2.0}, {"a": 1.0, "b": 2.0 + 1e-12}, tolerance=0.0)
     assert not same and rows[1][3] is False

@@ -16,7 +16,7 @@ from . import tracking
 log = logging.getLogger(__name__)
 
 
-def test_digest(keys: list[str], references: list[str]) -> str:
+def testset_digest(keys: list[str], references: list[str]) -> str:
     """Identifies the scored test set: scores compare only between versions with the same digest."""
     h = hashlib.sha256()
     for key, ref in sorted(zip(keys, references)):
@@ -51,6 +51,7 @@ def mlflow_metrics(table: dict) -> dict[str, float]:
 def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None) -> tuple[dict, list[dict]]:
     """Captions the test split with the initial and the fine-tuned weights; returns scores and predictions."""
     import datasets
+    import torch
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
     dataset = datasets.load_from_disk(str(data_dir))
@@ -59,14 +60,15 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None)
         test = test.select(range(min(limit, len(test))))
     images, references = list(test["image"]), list(test["caption"])
     seen = set(dataset["train"]["caption"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     processor = BlipProcessor.from_pretrained(model_dir)
-    before_model = initial_model(params.model, processor, params.seed)
+    before_model = initial_model(params.model, processor, params.seed).to(device)
     before = caption_all(before_model, processor, images, params.generate, desc="caption (before)")
     del before_model
-    after_model = BlipForConditionalGeneration.from_pretrained(model_dir, use_safetensors=True)
+    after_model = BlipForConditionalGeneration.from_pretrained(model_dir, use_safetensors=True).to(device)
     after = caption_all(after_model, processor, images, params.generate, desc="caption (after)")
     table = score_table(references, before, after, [r not in seen for r in references])
-    table["test_digest"] = test_digest(list(test["key"]), references)
+    table["test_digest"] = testset_digest(list(test["key"]), references)
     predictions = [{"key": k, "category": c, "reference": r, "before": b, "after": a, "novel": r not in seen}
                    for k, c, r, b, a in zip(test["key"], test["category"], references, before, after)]
     return table, predictions
