@@ -99,8 +99,8 @@ def tiny_model(tmp_path_factory, tiny_raw) -> tuple[Path, Path]:
 
     params = parse_params(copy.deepcopy(tiny_raw))
     root = tmp_path_factory.mktemp("tiny-model")
-    rows, _ = build_splits(params)
-    save(rows, root / "prepared")
+    rows, rejected = build_splits(params)
+    save(rows, rejected, root / "prepared")
     processor = build_processor(params.model, [r["caption"] for r in rows["train"]])
     model = initial_model(params.model, processor, params.seed)
     model.save_pretrained(root / "best")

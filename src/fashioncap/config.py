@@ -43,6 +43,10 @@ class DataParams(_Section):
     test_fraction: Fraction
     split_salt: str
     image_format: Literal["png", "jpeg"]
+    min_image_side: Annotated[int, Field(ge=1)]
+    max_pixels: Annotated[int, Field(ge=64)]
+    max_caption_words: PositiveInt
+    max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)]
     synthetic: SyntheticData
 
     @model_validator(mode="after")

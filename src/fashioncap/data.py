@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from PIL import Image
 
@@ -33,6 +36,8 @@ class RawItem:
     image: Image.Image | bytes
     caption: object
     category: str | None = None
+    source: str = ""
+    problem: str | None = None  # why the source could not even be read (missing file, broken metadata line)
 
 
 def split_of(key: str, salt: str, val_fraction: float, test_fraction: float) -> str:
@@ -55,7 +60,8 @@ def clean_caption(caption: object) -> str:
 
 def _synthetic_items(cfg: DataParams, seed: int) -> Iterator[RawItem]:
     for index, product in enumerate(catalogue(seed, cfg.synthetic.items, cfg.synthetic.render_size)):
-        yield RawItem(f"synthetic-{seed}-{index:06d}", product.image, product.caption, product.category)
+        yield RawItem(f"synthetic-{seed}-{index:06d}", product.image, product.caption, product.category,
+                      f"synthetic item {index}")
 
 
 def _check_hub(cfg: DataParams) -> None:
@@ -84,15 +90,65 @@ def _hf_items(dataset, cfg: DataParams, origin: str) -> Iterator[RawItem]:
         raise DataSourceError(f"{origin} has no column(s) {missing}; its columns are {columns}. "
                               f"Set data.image_column / data.text_column / data.category_column.")
     dataset = dataset.cast_column(cfg.image_column, datasets.Image(decode=False))
-    for row in dataset:
-        image = row[cfg.image_column]
-        data = image.get("bytes")
-        if data is None and image.get("path"):
-            with open(image["path"], "rb") as f:
+    for index, row in enumerate(dataset):
+        image = row[cfg.image_column] or {}
+        data, path = image.get("bytes"), image.get("path")
+        if data is None and path:
+            with open(path, "rb") as f:
                 data = f.read()
         key = hashlib.sha256(data or b"").hexdigest()[:24]
         category = str(row[cfg.category_column]) if cfg.category_column else None
-        yield RawItem(key, data or b"", row[cfg.text_column], category)
+        source = os.path.basename(path) if path and not image.get("bytes") else f"{origin} row {index}"
+        yield RawItem(key, data or b"", row[cfg.text_column], category, source)
+
+
+def decode_text(data: bytes) -> str:
+    """UTF-8, or, for legacy files, Windows-1252/Latin-1 (which never fails) rather than losing the row."""
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        try:
+            return data.decode("cp1252")
+        except UnicodeDecodeError:
+            return data.decode("latin-1")
+
+
+def _metadata_rows(meta: Path) -> list[dict]:
+    """Rows of a metadata.jsonl or metadata.csv, each line decoded on its own."""
+    lines = [decode_text(line) for line in meta.read_bytes().splitlines()]
+    if meta.suffix == ".csv":
+        return list(csv.DictReader(lines))
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                rows.append({"file_name": f"{meta.name} line {number}", "__error__": "unparsable metadata line"})
+    return rows
+
+
+def _imagefolder_items(cfg: DataParams) -> Iterator[RawItem]:
+    """A folder in the imagefolder layout: images plus metadata.csv/.jsonl files naming them (file_name)."""
+    folder = Path(cfg.path)
+    metas = sorted(p for p in folder.rglob("metadata.*") if p.suffix in (".csv", ".jsonl"))
+    if not metas:
+        raise DataSourceError(f"no metadata.csv or metadata.jsonl in '{cfg.path}' (imagefolder layout)")
+    for meta in metas:
+        rows = _metadata_rows(meta)
+        columns = set().union(*(r.keys() for r in rows)) if rows else set()
+        missing = [c for c in ("file_name", cfg.text_column, cfg.category_column) if c and c not in columns]
+        if missing:
+            raise DataSourceError(f"{meta} has no column(s) {missing}; its columns are {sorted(columns)}. "
+                                  f"Set data.text_column / data.category_column.")
+        for row in rows:
+            name = str(row.get("file_name") or "")
+            path = meta.parent / name
+            problem = row.get("__error__") or (None if name and path.is_file() else "image file not found")
+            data = b"" if problem else path.read_bytes()
+            key = hashlib.sha256(data).hexdigest()[:24] if data else f"unreadable:{meta.parent.name}/{name}"
+            category = str(row[cfg.category_column]) if cfg.category_column and row.get(cfg.category_column) else None
+            yield RawItem(key, data, row.get(cfg.text_column), category, str(path.relative_to(folder)), problem)
 
 
 def read_source(cfg: DataParams, seed: int) -> Iterator[RawItem]:
@@ -102,10 +158,7 @@ def read_source(cfg: DataParams, seed: int) -> Iterator[RawItem]:
     elif cfg.source == "imagefolder":
         if not os.path.isdir(cfg.path):
             raise DataSourceError(f"data.path '{cfg.path}' is not a folder")
-        import datasets
-
-        dataset = datasets.load_dataset("imagefolder", data_dir=cfg.path, split="train")
-        items = _hf_items(dataset, cfg, f"imagefolder '{cfg.path}'")
+        items = _imagefolder_items(cfg)
     else:
         _check_hub(cfg)
         import datasets

@@ -14,27 +14,32 @@ DEFAULT_MAX_PIXELS = 40_000_000
 
 
 class ImageInputError(ValueError):
-    """An input that cannot be used as an image; the message names the problem."""
+    """An input that cannot be used as an image; the message names the problem, `kind` classifies it."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decodes image bytes fully, refusing empty, truncated, non-image and oversized inputs."""
     if not data:
-        raise ImageInputError("empty image data")
+        raise ImageInputError("empty image data", "empty_image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
             if width * height > max_pixels:
-                raise ImageInputError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels")
+                raise ImageInputError(f"image of {width}x{height} pixels exceeds the limit of {max_pixels} pixels",
+                                      "too_many_pixels")
             image.load()
     except ImageInputError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageInputError(f"not a readable image ({type(error).__name__})") from None
+        raise ImageInputError(f"not a readable image ({type(error).__name__})", "not_an_image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:  # PIL's ways of saying "truncated/corrupt"
-        raise ImageInputError(f"corrupt or truncated image ({str(error)[:120]})") from None
+        raise ImageInputError(f"corrupt or truncated image ({str(error)[:120]})", "corrupt_image") from None
     return image
 
 
@@ -43,11 +48,11 @@ def decode_base64_image(text: object, max_pixels: int = DEFAULT_MAX_PIXELS) -> I
     if isinstance(text, str):
         text = text.encode("ascii", errors="replace")
     if not isinstance(text, (bytes, bytearray)):
-        raise ImageInputError(f"expected a base64 string, got {type(text).__name__}")
+        raise ImageInputError(f"expected a base64 string, got {type(text).__name__}", "not_base64")
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise ImageInputError("invalid base64") from None
+        raise ImageInputError("invalid base64", "not_base64") from None
     return decode_image(data, max_pixels)
 
 

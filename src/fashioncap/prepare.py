@@ -2,31 +2,74 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
 from collections import Counter
 from pathlib import Path
 
+from PIL import Image
+
+from .config import DataParams, Params, load_params
+from .data import SPLITS, DataSourceError, RawItem, clean_caption, read_source, split_of
+from .imaging import ImageInputError, decode_image, encode_image, to_model_image
 from .runtime import progress, run_stage, stage_args
-from .config import Params, load_params
-from .data import SPLITS, DataSourceError, clean_caption, read_source, split_of
-from .imaging import encode_image, to_model_image
 
 log = logging.getLogger(__name__)
+REJECTED_REPORT = "rejected.jsonl"  # one line per left-out item: key, source, reason, kind
 
 
-def build_splits(params: Params) -> tuple[dict[str, list[dict]], Counter]:
-    """Reads the source and returns the rows of each split and the counts of dropped items."""
+class Rejected(ValueError):
+    """An item the prepare stage leaves out; `kind` classifies the reason."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def screen(item: RawItem, cfg: DataParams, size: int) -> tuple[str, Image.Image]:
+    """The cleaned caption and model-ready image of an item, or Rejected saying why it cannot be used."""
+    if item.problem:
+        raise Rejected(item.problem, "unreadable_entry")
+    caption = clean_caption(item.caption)
+    if not caption:
+        raise Rejected("missing or empty caption", "empty_caption")
+    if len(caption.split()) > cfg.max_caption_words:
+        raise Rejected(f"caption of {len(caption.split())} words (limit {cfg.max_caption_words})", "long_caption")
+    try:
+        image = item.image if isinstance(item.image, Image.Image) else decode_image(item.image, cfg.max_pixels)
+    except ImageInputError as error:
+        raise Rejected(str(error), error.kind) from None
+    if min(image.size) < cfg.min_image_side:
+        raise Rejected(f"image of {image.width}x{image.height} pixels, below data.min_image_side "
+                       f"({cfg.min_image_side})", "too_small")
+    return caption, to_model_image(image, size)
+
+
+def _content_digest(item: RawItem) -> str:
+    data = item.image if isinstance(item.image, bytes) else item.image.tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def build_splits(params: Params) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Reads the source; returns the rows of each split and a report of every rejected item."""
     cfg = params.data
     rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    dropped: Counter = Counter()
+    rejected: list[dict] = []
+    first_seen: dict[str, tuple[str, str]] = {}
     for item in progress(read_source(cfg, params.seed), desc="prepare", unit="img"):
-        caption = clean_caption(item.caption)
-        if not caption:
-            dropped["empty_caption"] += 1
+        try:
+            caption, image = screen(item, cfg, params.model.image_size)
+            digest = _content_digest(item)
+            if digest in first_seen:  # the same photo twice: keep the first, whatever the captions say
+                key, other = first_seen[digest]
+                kind = "duplicate_image" if other == caption else "duplicate_image_other_caption"
+                raise Rejected(f"same image as {key}" + ("" if other == caption else " with another caption"), kind)
+            first_seen[digest] = (item.key, caption)
+        except Rejected as error:
+            rejected.append({"key": item.key, "source": item.source, "reason": str(error), "kind": error.kind})
             continue
-        image = to_model_image(item.image, params.model.image_size)
         split = split_of(item.key, cfg.split_salt, cfg.val_fraction, cfg.test_fraction)
         rows[split].append({
             "key": item.key,
@@ -34,10 +77,23 @@ def build_splits(params: Params) -> tuple[dict[str, list[dict]], Counter]:
             "caption": caption,
             "category": item.category or "",
         })
-    return rows, dropped
+    return rows, rejected
 
 
-def summarise(rows: dict[str, list[dict]], dropped: Counter) -> dict:
+def check_rejections(kept: int, rejected: list[dict], limit: float) -> None:
+    """Fails, naming the commonest reasons, when more than `limit` of the catalogue was rejected."""
+    total = kept + len(rejected)
+    if total == 0:
+        raise DataSourceError("the data source holds no items")
+    if len(rejected) / total > limit:
+        worst = Counter(r["kind"] for r in rejected).most_common(3)
+        raise DataSourceError(
+            f"{len(rejected)} of {total} items rejected ({len(rejected) / total:.0%}, above "
+            f"data.max_rejected_fraction {limit:.0%}); commonest reasons: "
+            + ", ".join(f"{kind} ({n})" for kind, n in worst) + ". See the rejection report for each item.")
+
+
+def summarise(rows: dict[str, list[dict]], rejected: list[dict]) -> dict:
     """Counts per split and category, and how many test captions also occur in training."""
     train_captions = {r["caption"] for r in rows["train"]}
     test = rows["test"]
@@ -45,15 +101,16 @@ def summarise(rows: dict[str, list[dict]], dropped: Counter) -> dict:
     return {
         "items": sum(len(v) for v in rows.values()),
         **{f"{s}_items": len(rows[s]) for s in SPLITS},
-        "dropped": dict(sorted(dropped.items())),
+        "rejected": len(rejected),
+        "rejected_by_reason": dict(sorted(Counter(r["kind"] for r in rejected).items())),
         "categories": dict(sorted(Counter(r["category"] for v in rows.values() for r in v if r["category"]).items())),
         "test_captions_seen_in_train": overlap,
         "test_caption_overlap": overlap / len(test) if test else 0.0,
     }
 
 
-def save(rows: dict[str, list[dict]], out: Path) -> None:
-    """Writes the splits as a DatasetDict with embedded image bytes."""
+def save(rows: dict[str, list[dict]], rejected: list[dict], out: Path) -> None:
+    """Writes the splits as a DatasetDict with embedded image bytes, and the rejection report beside them."""
     import datasets
 
     features = datasets.Features({
@@ -68,22 +125,25 @@ def save(rows: dict[str, list[dict]], out: Path) -> None:
     if out.exists():
         shutil.rmtree(out)
     dd.save_to_disk(str(out))
+    (out / REJECTED_REPORT).write_text("".join(json.dumps(r) + "\n" for r in rejected))
 
 
 def main(argv: list[str] | None = None) -> None:
     args = stage_args(__doc__, argv, out="data/prepared", metrics="metrics/prepare.json")
     params = load_params(args.params)
-    rows, dropped = build_splits(params)
+    rows, rejected = build_splits(params)
+    check_rejections(sum(len(v) for v in rows.values()), rejected, params.data.max_rejected_fraction)
     empty = [s for s in SPLITS if not rows[s]]
     if empty:
         raise DataSourceError(f"split(s) {empty} are empty: the source holds too few items for the split "
                               "fractions (data.val_fraction, data.test_fraction)")
-    save(rows, args.out)
-    summary = summarise(rows, dropped)
+    save(rows, rejected, args.out)
+    summary = summarise(rows, rejected)
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("prepared %d items (%s); %.1f%% of test captions also in train", summary["items"],
-             ", ".join(f"{s}={summary[f'{s}_items']}" for s in SPLITS), 100 * summary["test_caption_overlap"])
+    log.info("prepared %d items (%s), rejected %d %s; %.1f%% of test captions also in train", summary["items"],
+             ", ".join(f"{s}={summary[f'{s}_items']}" for s in SPLITS), len(rejected),
+             summary["rejected_by_reason"], 100 * summary["test_caption_overlap"])
 
 
 if __name__ == "__main__":
