@@ -24,10 +24,24 @@ def mlflow_client(repo: Path):
     return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
 
 
+# Credentials a user may have in the environment; none may reach MLflow.
+FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEtoken0123456789", "AWS_SECRET_ACCESS_KEY": "FAKEawsSecret/0123456789",
+                "MLFLOW_TRACKING_PASSWORD": "FAKEmlflowPassword0123", "AWS_ACCESS_KEY_ID": "AKIAFAKE0123456789"}
+
+
 @pytest.fixture(scope="module")
 def first_run(repo):
-    sh([str(BIN / "dvc"), "exp", "run", "-n", "tiny-offline", *set_args(TINY_OVERRIDES)], repo)
+    sh([str(BIN / "dvc"), "exp", "run", "-n", "tiny-offline", *set_args(TINY_OVERRIDES)], repo, **FAKE_SECRETS)
     return repo
+
+
+def test_credentials_in_the_environment_never_reach_mlflow(first_run):
+    stored = [first_run / "mlflow.db", *(p for p in (first_run / "mlruns").rglob("*") if p.is_file())]
+    assert len(stored) > 10
+    for path in stored:
+        content = path.read_bytes()
+        for name, secret in FAKE_SECRETS.items():
+            assert secret.encode() not in content, f"{name} leaked into {path}"
 
 
 def test_exp_run_offline_writes_metrics_lock_and_predictions(first_run):

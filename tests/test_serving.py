@@ -68,7 +68,7 @@ def server(registry_env, tiny_params, tmp_path):
                 time.sleep(0.5)
         else:
             pytest.fail("server did not answer /ping in 120 s")
-        yield port, tiny_params
+        yield port, tiny_params, proc.pid  # `fashioncap serve` execs mlflow: the same PID
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
@@ -82,7 +82,7 @@ def truncated_png() -> str:
 
 
 def test_serves_captions_and_answers_bad_input_with_4xx(server):
-    port, params = server
+    port, params, _ = server
     status, body = post(port, images_body([png_b64(), png_b64((0, 0, 250), (80, 30))]))
     assert status == 200 and len(body["predictions"]) == 2
     status, body = post(port, {"inputs": {"image": [png_b64()]}, "params": {"num_beams": 2}})
@@ -114,3 +114,44 @@ def test_serve_without_a_champion_says_so(registry_env, cli_env):
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert "no version with alias 'champion'" in proc.stderr and "fashioncap promote" in proc.stderr
+
+
+def _tree_rss(pid: int) -> int:
+    import psutil
+
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
+def test_load_of_mixed_valid_and_invalid_requests(server):
+    """500 requests at concurrency 16, 40% of them bad: no 5xx, every bad one a 4xx, memory stays flat."""
+    import random
+    import statistics
+    from concurrent.futures import ThreadPoolExecutor
+
+    port, _, server_pid = server
+    rng = random.Random(0)
+    valid = [images_body([png_b64((rng.randrange(256), 0, 0))]) for _ in range(8)]
+    invalid = [images_body(["@@@"]), images_body([base64.b64encode(b"GIF89a broken").decode()]),
+               images_body([truncated_png()]), images_body([]), {"wrong": []}]
+    plan = [("ok", rng.choice(valid)) if rng.random() < 0.6 else ("bad", rng.choice(invalid)) for _ in range(500)]
+
+    def call(item):
+        kind, body = item
+        started = time.perf_counter()
+        status, _ = post(port, body)
+        return kind, status, time.perf_counter() - started
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(call, plan[:50]))  # warm-up: allocator and caches settle
+        rss_before = _tree_rss(server_pid)
+        results = list(pool.map(call, plan))
+    rss_growth = _tree_rss(server_pid) - rss_before
+    latencies = sorted(t for _, _, t in results)
+    p50, p95 = statistics.median(latencies), latencies[int(0.95 * len(latencies))]
+    print(f"\n500 requests, concurrency 16: p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
+          f"RSS growth {rss_growth / 2**20:.1f} MiB")
+    assert not [s for _, s, _ in results if s >= 500]
+    assert all(s == 200 for k, s, _ in results if k == "ok")
+    assert all(400 <= s < 500 for k, s, _ in results if k == "bad")
+    assert rss_growth < 150 * 2**20, f"server memory grew by {rss_growth / 2**20:.0f} MiB"
