@@ -34,6 +34,7 @@ TINY_OVERRIDES = [
     "train.max_steps=12",
     "train.warmup_steps=2",
     "train.eval_every=6",
+    "train.checkpoint_every=4",
     "train.eval_samples=8",
     "train.num_workers=0",
     "train.log_every=4",

@@ -110,6 +110,7 @@ class TrainParams(_Section):
     schedule: Literal["linear", "cosine", "constant"]
     max_steps: PositiveInt
     eval_every: PositiveInt
+    checkpoint_every: PositiveInt
     eval_samples: PositiveInt
     patience: PositiveInt
     metric: Literal["val_cider_d", "val_loss"]

@@ -16,7 +16,7 @@ from .config import Params, TrainParams, load_params
 from .metrics import caption_scores
 from .modeling import Collator, build_processor, caption_all, initial_model
 from .runtime import run_stage, stage_args
-from . import tracking
+from . import checkpoint, lineage, tracking
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class Outputs:
     metrics: Path
     train_log: Path
     val_log: Path
+    checkpoint_dir: Path
 
 
 @dataclass
@@ -40,6 +41,10 @@ class BestTracker:
     best_step: int = 0
     stale: int = 0
     history: list[dict] = field(default_factory=list)
+
+    def state(self) -> dict:
+        """What a checkpoint needs to restore the tracker."""
+        return {"best": self.best, "best_step": self.best_step, "stale": self.stale, "history": self.history}
 
     def update(self, step: int, values: dict[str, float]) -> bool:
         """Records an evaluation; returns True when it is the best so far."""
@@ -112,12 +117,10 @@ def save_checkpoint(model, processor, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def forever(loader):
-    """Cycles through the loader epoch after epoch (the sampler reshuffles each epoch)."""
-    epoch = 0
+def forever(loader, sampler: checkpoint.EpochSampler, epoch: int):
+    """Cycles through the loader from `epoch` on; the sampler shuffles each epoch by (seed, epoch)."""
     while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
+        sampler.epoch = epoch
         yield from loader
         epoch += 1
 
@@ -167,10 +170,12 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     # bit-identical re-runs on the CPU; on a GPU, ops without a deterministic kernel only warn
     torch.use_deterministic_algorithms(True, warn_only=True)
     collate = Collator(processor, params.model.max_caption_tokens, model.config.text_config.bos_token_id)
+    sampler = checkpoint.EpochSampler(len(dataset["train"]), params.seed)
     loader = torch.utils.data.DataLoader(
-        dataset["train"], batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, drop_last=True,
+        dataset["train"], batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(params.seed))
+    batches_per_epoch = len(dataset["train"]) // cfg.batch_size
     val_rows = list(dataset["validation"].select(range(min(cfg.eval_samples, len(dataset["validation"])))))
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
@@ -184,18 +189,37 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     tracker = BestTracker(cfg.metric, cfg.patience)
     train_log: list[dict] = []
     pending: list[tuple[int, torch.Tensor, float]] = []
+    step = consumed = 0  # optimizer steps done, micro-batches drawn
+    fp = checkpoint.fingerprint(params.model_dump(), lineage.dataset_digest(data_dir))
+    resumed = checkpoint.load(out.checkpoint_dir, fp)
+    if resumed is not None:
+        tensors, meta = resumed
+        accelerator.unwrap_model(model).load_state_dict(tensors["model"])
+        optimizer.load_state_dict(tensors["optimizer"])
+        scheduler.load_state_dict(tensors["scheduler"])
+        step, consumed, train_log = meta["step"], meta["consumed"], meta["train_log"]
+        tracker = BestTracker(cfg.metric, cfg.patience, **meta["tracker"])
+        log.info("resuming from the checkpoint of step %d", step)
     run = None
     if accelerator.is_main_process:
-        run = tracking.start_run(params, {"device": accelerator.device.type,
-                                          "mixed_precision": accelerator.mixed_precision})
+        if resumed is not None:  # the same MLflow run goes on
+            run = tracking.resume_run(resumed[1]["run_id"])
+        else:
+            run = tracking.start_run(params, {"device": accelerator.device.type,
+                                              "mixed_precision": accelerator.mixed_precision})
+            mlflow.set_tag("data.digest", tracking.log_dataset(data_dir, context="train"))
         tracking.write_run_ref(out.run_ref, run.info.run_id, params.tracking.experiment)
-        mlflow.set_tag("data.digest", tracking.log_dataset(data_dir, context="train"))
-    stop_reason, step, started = f"reached train.max_steps ({cfg.max_steps})", 0, time.perf_counter()
-    batches = forever(loader)
+    stop_reason, started = f"reached train.max_steps ({cfg.max_steps})", time.perf_counter()
+    epoch, offset = divmod(consumed, batches_per_epoch)
+    sampler.start = offset * cfg.batch_size
+    batches = forever(loader, sampler, epoch)
+    if resumed is not None:
+        checkpoint.set_rng_state(resumed[0]["rng"])  # last: nothing may draw from the RNGs after this
     model.train()
     while step < cfg.max_steps:
         with accelerator.accumulate(model):
             loss = model(**next(batches)).loss
+            consumed += 1
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
@@ -206,7 +230,7 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
         step += 1
         pending.append((step, loss.detach(), scheduler.get_last_lr()[0]))  # the lr this step used
         scheduler.step()
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
+        if step % cfg.log_every == 0 or step == cfg.max_steps or step % cfg.checkpoint_every == 0:
             # .item() is a device sync point: fetch the losses of several steps at once
             rows = [{"step": s, "loss": l.item(), "lr": lr} for s, l, lr in pending]
             pending.clear()
@@ -228,6 +252,13 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
             if tracker.exhausted:
                 stop_reason = f"early stopping: {cfg.metric} did not improve for {cfg.patience} evaluations"
                 break
+        if step % cfg.checkpoint_every == 0 and step < cfg.max_steps and accelerator.is_main_process:
+            mlflow.flush_async_logging()  # what the checkpoint has done is in MLflow before it counts
+            state = {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state()}
+            checkpoint.save(out.checkpoint_dir, state, {
+                "fingerprint": fp, "step": step, "consumed": consumed, "train_log": train_log,
+                "run_id": run.info.run_id, "tracker": tracker.state()})
     seconds = time.perf_counter() - started
     summary = {
         "steps": step, "best_step": tracker.best_step, "best_metric": cfg.metric, "best_value": tracker.best,
@@ -237,6 +268,7 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     }
     if accelerator.is_main_process:
         _finish(summary, train_log, tracker.history, out)
+        checkpoint.discard(out.checkpoint_dir)  # finished: the next run starts afresh
     return summary
 
 
@@ -263,9 +295,10 @@ def _finish(summary: dict, train_log: list[dict], val_log: list[dict], out: Outp
 
 def main(argv: list[str] | None = None) -> None:
     args = stage_args(__doc__, argv, data="data/prepared", model_dir="models/best", run_ref="models/run.json",
-                      metrics="metrics/train.json", train_log="metrics/train_log.csv", val_log="metrics/val_log.csv")
+                      metrics="metrics/train.json", train_log="metrics/train_log.csv", val_log="metrics/val_log.csv",
+                      checkpoint_dir="checkpoints/train")
     params = load_params(args.params)
-    out = Outputs(args.model_dir, args.run_ref, args.metrics, args.train_log, args.val_log)
+    out = Outputs(args.model_dir, args.run_ref, args.metrics, args.train_log, args.val_log, args.checkpoint_dir)
     try:
         train(params, args.data, out)
     except BaseException as error:

@@ -1,0 +1,94 @@
+"""Crash and resume: a training run killed with SIGKILL resumes from its checkpoint to identical results."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fashioncap import checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+def train_command(workdir: Path, params: Path, data_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "fashioncap.train", "--params", str(params), "--data", str(data_dir),
+            "--model-dir", str(workdir / "best"), "--run-ref", str(workdir / "run.json"),
+            "--metrics", str(workdir / "train.json"), "--train-log", str(workdir / "train_log.csv"),
+            "--val-log", str(workdir / "val_log.csv"), "--checkpoint-dir", str(workdir / "ckpt")]
+
+
+def start(workdir: Path, params: Path, data_dir: Path) -> subprocess.Popen:
+    workdir.mkdir(exist_ok=True)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
+    return subprocess.Popen(train_command(workdir, params, data_dir), cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=open(workdir / "stderr.log", "a"))
+
+
+def checkpoint_step(workdir: Path) -> int:
+    try:
+        return json.loads((workdir / "ckpt" / checkpoint.META_FILE).read_text())["step"]
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.fixture
+def long_params(tiny_raw, write_params):
+    train = {**tiny_raw["train"], "max_steps": 40, "eval_every": 10, "checkpoint_every": 4, "patience": 10}
+    return write_params({**tiny_raw, "train": train})
+
+
+def test_killed_training_resumes_to_bit_identical_results(tmp_path, long_params, tiny_model):
+    _, data_dir = tiny_model
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    assert start(straight, long_params, data_dir).wait(timeout=600) == 0
+
+    proc = start(crashed, long_params, data_dir)
+    deadline = time.monotonic() + 300
+    while checkpoint_step(crashed) < 12 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "training ended before it could be killed"
+    assert not (crashed / "train.json").exists()
+    run_id = json.loads((crashed / "run.json").read_text())["run_id"]
+
+    assert start(crashed, long_params, data_dir).wait(timeout=600) == 0, (crashed / "stderr.log").read_text()[-3000:]
+    assert "resuming from the checkpoint of step" in (crashed / "stderr.log").read_text()
+    for name in ("train_log.csv", "val_log.csv"):
+        assert (crashed / name).read_text() == (straight / name).read_text(), name
+    a, b = (json.loads((d / "train.json").read_text()) for d in (straight, crashed))
+    assert (a["steps"], a["best_step"], a["best_value"]) == (b["steps"], b["best_step"], b["best_value"])
+    assert (crashed / "best/model.safetensors").read_bytes() == (straight / "best/model.safetensors").read_bytes()
+    assert not (crashed / "ckpt").exists()
+
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{crashed / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("fashioncap").experiment_id])
+    assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
+    assert {m.step for m in client.get_metric_history(run_id, "train_loss")} == set(range(1, 41))
+
+
+def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path):
+    checkpoint.save(tmp_path / "ckpt", {"x": torch.ones(2)}, {"fingerprint": checkpoint.fingerprint({"lr": 1})})
+    assert checkpoint.load(tmp_path / "ckpt", checkpoint.fingerprint({"lr": 2})) is None
+    tensors, meta = checkpoint.load(tmp_path / "ckpt", checkpoint.fingerprint({"lr": 1}))
+    assert torch.equal(tensors["x"], torch.ones(2))
+
+
+def test_epoch_sampler_restarts_mid_epoch_on_the_same_order():
+    sampler = checkpoint.EpochSampler(10, seed=3)
+    sampler.epoch = 2
+    full = list(sampler)
+    sampler.start = 4
+    assert list(sampler) == full[4:]
+    assert list(sampler) == full  # the offset applies to one pass only
+    sampler.epoch = 3
+    assert list(sampler) != full and sorted(sampler) == list(range(10))
