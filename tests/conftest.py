@@ -42,6 +42,7 @@ TINY_OVERRIDES = [
     "generate.batch_size=16",
     "registry.max_images=4",
     "registry.max_pixels=10000",
+    "registry.max_request_bytes=60000",
 ]
 
 

@@ -75,6 +75,12 @@ def server(registry_env, tiny_params, tmp_path):
         log.close()
 
 
+def noise_b64() -> str:
+    buf = io.BytesIO()
+    Image.effect_noise((90, 90), 80).convert("RGB").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
 def truncated_png() -> str:
     buf = io.BytesIO()
     Image.effect_noise((64, 64), 50).convert("RGB").save(buf, format="PNG")
@@ -97,6 +103,7 @@ def test_serves_captions_and_answers_bad_input_with_4xx(server):
         f"exceeds the limit of {limit} pixels": images_body([png_b64(size=(side, side))]),
         "holds no images": images_body([]),
         f"the limit is {params.registry.max_images}": images_body([png_b64()] * (params.registry.max_images + 1)),
+        f"the limit is {params.registry.max_request_bytes}": images_body([noise_b64(), noise_b64(), noise_b64()]),
     }
     for expected, payload in cases.items():
         status, body = post(port, payload)

@@ -156,6 +156,7 @@ class TrackingParams(_Section):
 class RegistryParams(_Section):
     name: Annotated[str, Field(min_length=1)]
     max_images: Annotated[int, Field(ge=1, le=1024)]
+    max_request_bytes: Annotated[int, Field(ge=1024)]
     max_pixels: Annotated[int, Field(ge=64)]
 
 

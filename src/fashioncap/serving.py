@@ -48,6 +48,9 @@ class Captioner(PythonModel):
             raise bad_input("the request holds no images")
         if len(values) > self.config["max_images"]:
             raise bad_input(f"{len(values)} images in one request; the limit is {self.config['max_images']}")
+        size = sum(len(v) for v in values if isinstance(v, (str, bytes)))
+        if size > self.config["max_request_bytes"]:
+            raise bad_input(f"{size} bytes of image data in one request; the limit is {self.config['max_request_bytes']}")
         images = []
         for row, value in enumerate(values):
             try:
