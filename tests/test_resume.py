@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def start(workdir: Path, params: Path, data_dir: Path) -> subprocess.Popen:
 
 def checkpoint_step(workdir: Path) -> int:
     try:
-        return json.loads((workdir / "ckpt" / checkpoint.META_FILE).read_text())["step"]
+        return json.loads((workdir / "ckpt" / "state" / checkpoint.META_FILE).read_text())["step"]
     except (OSError, ValueError):
         return 0
 
@@ -58,6 +59,8 @@ def test_killed_training_resumes_to_bit_identical_results(tmp_path, long_params,
     assert proc.wait(timeout=60) == -signal.SIGKILL, "training ended before it could be killed"
     assert not (crashed / "train.json").exists()
     run_id = json.loads((crashed / "run.json").read_text())["run_id"]
+    for output in ("best", "run.json"):  # DVC deletes a stage's outputs before it runs the stage again
+        shutil.rmtree(crashed / output) if (crashed / output).is_dir() else (crashed / output).unlink(missing_ok=True)
 
     assert start(crashed, long_params, data_dir).wait(timeout=600) == 0, (crashed / "stderr.log").read_text()[-3000:]
     assert "resuming from the checkpoint of step" in (crashed / "stderr.log").read_text()
@@ -74,6 +77,17 @@ def test_killed_training_resumes_to_bit_identical_results(tmp_path, long_params,
     runs = client.search_runs([client.get_experiment_by_name("fashioncap").experiment_id])
     assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
     assert {m.step for m in client.get_metric_history(run_id, "train_loss")} == set(range(1, 41))
+
+
+def test_a_killed_swap_leaves_a_whole_folder(tmp_path):
+    target = tmp_path / "best"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    staging = checkpoint.staging_for(target)
+    (staging / "new.txt").write_text("new")
+    checkpoint.swap_in(staging, target)
+    assert [p.name for p in target.iterdir()] == ["new.txt"]
+    assert not staging.exists() and not target.with_name("best.old").exists()
 
 
 def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path):

@@ -58,18 +58,31 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(directory: Path, tensors: dict, meta: dict) -> None:
-    """Writes the checkpoint beside `directory` and swaps it in: a kill leaves the previous one whole."""
-    staging, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
-    for leftover in (staging, old):
-        shutil.rmtree(leftover, ignore_errors=True)
+def staging_for(directory: Path) -> Path:
+    """An empty folder beside `directory` to write into before `swap_in`."""
+    staging = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    torch.save(tensors, staging / STATE_FILE)
-    (staging / META_FILE).write_text(json.dumps(meta))
+    return staging
+
+
+def swap_in(staging: Path, directory: Path) -> None:
+    """Replaces `directory` by the complete folder `staging` with renames: a kill at any point leaves
+    either the old or the new folder whole (at worst beside a leftover that the next call removes)."""
+    old = directory.with_name(directory.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
         directory.rename(old)
     staging.rename(directory)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def save(directory: Path, tensors: dict, meta: dict) -> None:
+    """Writes the checkpoint beside `directory` and swaps it in: a kill leaves the previous one whole."""
+    staging = staging_for(directory)
+    torch.save(tensors, staging / STATE_FILE)
+    (staging / META_FILE).write_text(json.dumps(meta))
+    swap_in(staging, directory)
 
 
 def load(directory: Path, expected_fingerprint: str) -> tuple[dict, dict] | None:

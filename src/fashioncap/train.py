@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,17 +103,12 @@ def validate(model, processor, rows, collate, params: Params) -> dict[str, float
             "val_bleu_4": scores["bleu_4"]}
 
 
-def save_checkpoint(model, processor, out_dir: Path) -> None:
-    """Writes model + processor beside out_dir, then swaps it in, so a kill never leaves half a checkpoint."""
-    staging, old = out_dir.with_name(out_dir.name + ".tmp"), out_dir.with_name(out_dir.name + ".old")
-    for leftover in (staging, old):
-        shutil.rmtree(leftover, ignore_errors=True)
+def save_best(model, processor, best_dir: Path) -> None:
+    """Writes model + processor beside best_dir, then swaps it in, so a kill never leaves half a model."""
+    staging = checkpoint.staging_for(best_dir)
     model.save_pretrained(staging, safe_serialization=True)
     processor.save_pretrained(staging)
-    if out_dir.exists():
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    checkpoint.swap_in(staging, best_dir)
 
 
 def forever(loader, sampler: checkpoint.EpochSampler, epoch: int):
@@ -191,8 +185,12 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     pending: list[tuple[int, torch.Tensor, float]] = []
     step = consumed = 0  # optimizer steps done, micro-batches drawn
     fp = checkpoint.fingerprint(params.model_dump(), lineage.dataset_digest(data_dir))
-    resumed = checkpoint.load(out.checkpoint_dir, fp)
-    if resumed is not None:
+    # the run's state and its best model so far live under checkpoint_dir until training ends
+    state_dir, best_dir = out.checkpoint_dir / "state", out.checkpoint_dir / "best"
+    resumed = checkpoint.load(state_dir, fp)
+    if resumed is None:
+        checkpoint.discard(out.checkpoint_dir)  # another run's leftovers
+    else:
         tensors, meta = resumed
         accelerator.unwrap_model(model).load_state_dict(tensors["model"])
         optimizer.load_state_dict(tensors["optimizer"])
@@ -248,7 +246,7 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
                      " (best so far)" if improved else "")
             accelerator.wait_for_everyone()
             if improved and accelerator.is_main_process:
-                save_checkpoint(accelerator.unwrap_model(model), processor, out.model_dir)
+                save_best(accelerator.unwrap_model(model), processor, best_dir)
             if tracker.exhausted:
                 stop_reason = f"early stopping: {cfg.metric} did not improve for {cfg.patience} evaluations"
                 break
@@ -256,7 +254,7 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
             mlflow.flush_async_logging()  # what the checkpoint has done is in MLflow before it counts
             state = {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state()}
-            checkpoint.save(out.checkpoint_dir, state, {
+            checkpoint.save(state_dir, state, {
                 "fingerprint": fp, "step": step, "consumed": consumed, "train_log": train_log,
                 "run_id": run.info.run_id, "tracker": tracker.state()})
     seconds = time.perf_counter() - started
@@ -267,6 +265,7 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
         "parameters": n_params,
     }
     if accelerator.is_main_process:
+        checkpoint.swap_in(best_dir, out.model_dir)  # a rename: the output appears whole or not at all
         _finish(summary, train_log, tracker.history, out)
         checkpoint.discard(out.checkpoint_dir)  # finished: the next run starts afresh
     return summary
