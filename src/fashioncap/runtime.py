@@ -6,7 +6,6 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
@@ -34,8 +33,6 @@ def configure_environment() -> None:
     """Switches off telemetry for this process and its children, unless the user set the variables."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    # our pyfunc model has an explicit signature; MLflow's nudge towards type hints is noise here
-    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 
 def project_root() -> Path:
