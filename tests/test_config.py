@@ -34,6 +34,8 @@ def test_both_profiles_validate():
     ("generate.min_length", 500, "generate.min_length (500) exceeds generate.max_new_tokens"),
     ("model.scratch.text_heads", 3, "text_hidden (128) must be a multiple of text_heads (3)"),
     ("train.metric", "accuracy", "train.metric: Input should be 'val_cider_d' or 'val_loss'"),
+    ("train.grad_accum_steps", 200, "train.batch_size x train.grad_accum_steps (6400) exceeds the about 3400 "
+                                    "training items that data.synthetic.items leaves"),
 ])
 def test_bad_values_are_reported_with_their_key_path(key, value, message):
     raw = copy.deepcopy(compose(["profile=offline"]))

@@ -35,3 +35,16 @@ def test_no_weight_decay_on_biases_and_norms(tiny_params):
     assert decay["weight_decay"] == tiny_params.train.weight_decay and no_decay["weight_decay"] == 0.0
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 4])]
     assert len(no_decay["params"]) == 3
+
+
+def test_a_training_split_smaller_than_one_step_is_a_clear_error(tiny_raw, tiny_model, write_params, tmp_path):
+    import subprocess
+    import sys
+
+    _, data_dir = tiny_model
+    raw = {**tiny_raw, "data": {**tiny_raw["data"], "source": "imagefolder", "path": str(tmp_path)},
+           "train": {**tiny_raw["train"], "batch_size": 64, "grad_accum_steps": 4}}
+    proc = subprocess.run([sys.executable, "-m", "fashioncap.train", "--params", str(write_params(raw)),
+                           "--data", str(data_dir), "--checkpoint-dir", str(tmp_path / "ckpt")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and "fewer than one optimizer step needs" in proc.stderr, proc.stderr[-2000:]

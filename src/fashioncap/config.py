@@ -171,6 +171,20 @@ class Params(_Section):
     tracking: TrackingParams
     registry: RegistryParams
 
+    @model_validator(mode="after")
+    def _batch_fits_data(self) -> "Params":
+        items = self.data.synthetic.items if self.data.source == "synthetic" else None
+        if self.data.max_items is not None:
+            items = min(items or self.data.max_items, self.data.max_items)
+        if items is not None:
+            train_items = int(items * (1 - self.data.val_fraction - self.data.test_fraction))
+            effective = self.train.batch_size * self.train.grad_accum_steps
+            if effective > train_items:
+                raise ValueError(
+                    f"train.batch_size x train.grad_accum_steps ({effective}) exceeds the about {train_items} "
+                    f"training items that data.{'max_items' if self.data.max_items else 'synthetic.items'} leaves")
+        return self
+
 
 def _describe(error: ValidationError) -> str:
     lines = []

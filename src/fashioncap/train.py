@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .config import Params, TrainParams, load_params
+from .data import DataSourceError
 from .metrics import caption_scores
 from .modeling import Collator, build_processor, caption_all, initial_model
 from .runtime import run_stage, stage_args
@@ -170,6 +171,10 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(params.seed))
     batches_per_epoch = len(dataset["train"]) // cfg.batch_size
+    if batches_per_epoch < cfg.grad_accum_steps:
+        raise DataSourceError(f"the training split holds {len(dataset['train'])} items, fewer than one optimizer "
+                              f"step needs (train.batch_size {cfg.batch_size} x train.grad_accum_steps "
+                              f"{cfg.grad_accum_steps})")
     val_rows = list(dataset["validation"].select(range(min(cfg.eval_samples, len(dataset["validation"])))))
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
