@@ -118,6 +118,8 @@ class TrainParams(_Section):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"]
     num_workers: NonNegInt
     log_every: PositiveInt
+    launcher: Annotated[str, Field(min_length=1)]
+    sample_images: NonNegInt
 
     @model_validator(mode="after")
     def _steps_fit(self) -> "TrainParams":
@@ -149,6 +151,10 @@ class EvaluateParams(_Section):
     max_items: PositiveInt | None
 
 
+class ReportParams(_Section):
+    gallery_items: Annotated[int, Field(ge=2, le=1000)]
+
+
 class TrackingParams(_Section):
     experiment: str
 
@@ -168,6 +174,7 @@ class Params(_Section):
     train: TrainParams
     generate: GenerateParams
     evaluate: EvaluateParams
+    report: ReportParams
     tracking: TrackingParams
     registry: RegistryParams
 

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from .config import Params, load_params
-from .metrics import caption_scores
+from .metrics import caption_scores, per_item_cider_d
 from .modeling import caption_all, initial_model
 from .runtime import run_stage, stage_args
 from . import tracking
@@ -38,6 +38,22 @@ def score_table(references: list[str], before: list[str], after: list[str], nove
     return table
 
 
+def per_category(categories: list[str | None], references: list[str], before: list[str],
+                 after: list[str]) -> dict[str, dict]:
+    """Before/after scores of each category (watches, bags, ...); empty when the data has none.
+    CIDEr-D's IDF comes from each category's own items, as it would on a test set of that category."""
+    groups: dict[str, list[int]] = {}
+    for i, category in enumerate(categories):
+        if category:
+            groups.setdefault(category, []).append(i)
+    out = {}
+    for category, pick in sorted(groups.items()):
+        refs = [[references[i]] for i in pick]
+        out[category] = {"items": len(pick), "before": caption_scores(refs, [before[i] for i in pick]),
+                         "after": caption_scores(refs, [after[i] for i in pick])}
+    return out
+
+
 def mlflow_metrics(table: dict) -> dict[str, float]:
     """Flat metric names for MLflow: test_<when>_<metric>, e.g. test_after_cider_d."""
     out = {}
@@ -45,11 +61,16 @@ def mlflow_metrics(table: dict) -> dict[str, float]:
         for name, value in table.get(when, {}).items():
             out[f"test_{when}_{name}"] = value
     out["test_exact_match_after"] = table["exact_match_after"]
+    for category, scores in table.get("per_category", {}).items():
+        for when in ("before", "after"):
+            for name in ("cider_d", "bleu_4"):
+                out[f"category/{category}/test_{when}_{name}"] = scores[when][name]
     return out
 
 
-def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None) -> tuple[dict, list[dict]]:
-    """Captions the test split with the initial and the fine-tuned weights; returns scores and predictions."""
+def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None) -> tuple[dict, list[dict], list]:
+    """Captions the test split with the initial and the fine-tuned weights; returns scores, predictions and
+    the test images."""
     import datasets
     import torch
     from transformers import BlipForConditionalGeneration, BlipProcessor
@@ -69,16 +90,30 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None)
     after = caption_all(after_model, processor, images, params.generate, desc="caption (after)")
     table = score_table(references, before, after, [r not in seen for r in references])
     table["test_digest"] = testset_digest(list(test["key"]), references)
-    predictions = [{"key": k, "category": c, "reference": r, "before": b, "after": a, "novel": r not in seen}
-                   for k, c, r, b, a in zip(test["key"], test["category"], references, before, after)]
-    return table, predictions
+    categories = list(test["category"])
+    table["per_category"] = per_category(categories, references, before, after)
+    refs = [[r] for r in references]
+    # per-item CIDEr-D with the IDF of the whole test split: says which items fine-tuning helped or hurt
+    scored = zip(test["key"], categories, references, before, after, per_item_cider_d(refs, before),
+                 per_item_cider_d(refs, after))
+    predictions = [{"key": k, "category": c, "reference": r, "before": b, "after": a, "novel": r not in seen,
+                    "cider_d_before": round(sb, 4), "cider_d_after": round(sa, 4)}
+                   for k, c, r, b, a, sb, sa in scored]
+    return table, predictions, images
+
+
+def prediction_table(predictions: list[dict], images: list) -> dict[str, list]:
+    """The predictions as columns for `mlflow.log_table`, with each test image: the UI's evaluation
+    view lines runs up by `key` and compares their captions image by image."""
+    columns = {name: [p[name] for p in predictions] for name in predictions[0]}
+    return {"image": images, **columns}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = stage_args(__doc__, argv, data="data/prepared", model_dir="models/best", run_ref="models/run.json",
                       metrics="metrics/eval.json", predictions="reports/predictions.jsonl")
     params = load_params(args.params)
-    table, predictions = evaluate(params, args.data, args.model_dir, params.evaluate.max_items)
+    table, predictions, images = evaluate(params, args.data, args.model_dir, params.evaluate.max_items)
     metrics, preds = args.metrics, args.predictions
     metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.write_text(json.dumps(table, indent=2) + "\n")
@@ -90,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.log_metrics(mlflow_metrics(table))
         mlflow.log_artifact(str(metrics))
         mlflow.log_artifact(str(preds))
+        mlflow.log_table(prediction_table(predictions, images), artifact_file="predictions_table.json")
     b, a = table["before"], table["after"]
     log.info("test CIDEr-D %.3f -> %.3f, BLEU-4 %.3f -> %.3f (%d items, %d with a caption unseen in training)",
              b["cider_d"], a["cider_d"], b["bleu_4"], a["bleu_4"], table["test_items"], table["novel_items"])

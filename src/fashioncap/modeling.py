@@ -129,13 +129,14 @@ def caption_batch(model, processor, images: Sequence[Image.Image], cfg: Generate
     return [normalize_caption(t) for t in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
-def caption_all(model, processor, images: Sequence[Image.Image], cfg: GenerateParams, desc: str = "caption"):
-    """Captions any number of images in batches of cfg.batch_size, with a progress bar."""
+def caption_all(model, processor, images: Sequence[Image.Image], cfg: GenerateParams, desc: str = "caption",
+                quiet: bool = False):
+    """Captions any number of images in batches of cfg.batch_size, with a progress bar (unless quiet)."""
     from .runtime import progress
 
     model.eval()
     captions: list[str] = []
     starts = range(0, len(images), cfg.batch_size)
-    for start in progress(starts, desc=desc, unit="batch"):
+    for start in progress(starts, desc=desc, unit="batch", quiet=quiet):
         captions.extend(caption_batch(model, processor, images[start : start + cfg.batch_size], cfg))
     return captions

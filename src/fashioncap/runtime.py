@@ -56,11 +56,12 @@ def stage_args(doc: str | None, argv: list[str] | None, **paths: str) -> argpars
     return parser.parse_args(argv)
 
 
-def progress(iterable: Iterable[T], **kwargs) -> Iterable[T]:
-    """A progress bar with ETA on a terminal; silent otherwise."""
+def progress(iterable: Iterable[T] | None = None, quiet: bool = False, **kwargs) -> Iterable[T]:
+    """A progress bar with ETA on a terminal; silent otherwise (and when quiet). Without an iterable it is
+    a bar to `update()` by hand, as the training loop does."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, disable=not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
+    return tqdm(iterable, disable=quiet or not sys.stderr.isatty(), dynamic_ncols=True, **kwargs)
 
 
 def run_stage(main: Callable[[], None]) -> None:

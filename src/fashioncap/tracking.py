@@ -56,8 +56,9 @@ def start_run(params: Params, extra_tags: dict[str, str] | None = None):
     """Starts the pipeline's run, tagged with its lineage, and logs every parameter (flattened)."""
     mlflow = _mlflow()
     tags = {**run_tags(params), **lineage.git_state(Path.cwd()), **(extra_tags or {})}
+    # system metrics (CPU, memory, disk, network; GPU through nvidia-ml-py) sampled while training runs
     run = mlflow.start_run(experiment_id=experiment_id(params.tracking.experiment), run_name=run_name(params),
-                           tags=tags)
+                           tags=tags, log_system_metrics=True)
     mlflow.log_params({k: "null" if v is None else v for k, v in flatten(params).items()})
     return run
 
@@ -73,9 +74,9 @@ def log_dataset(data_dir: Path, context: str) -> str:
     return digest
 
 
-def resume_run(run_id: str):
+def resume_run(run_id: str, system_metrics: bool = False):
     """Reopens the pipeline's run (started by the train stage)."""
-    return _mlflow().start_run(run_id=run_id)
+    return _mlflow().start_run(run_id=run_id, log_system_metrics=system_metrics)
 
 
 def write_run_ref(path: Path, run_id: str, experiment: str) -> None:

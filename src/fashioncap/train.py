@@ -15,7 +15,8 @@ from .config import Params, TrainParams, load_params
 from .data import DataSourceError
 from .metrics import caption_scores
 from .modeling import Collator, build_processor, caption_all, initial_model
-from .runtime import run_stage, stage_args
+from .report import caption_panel
+from .runtime import progress, run_stage, stage_args
 from . import checkpoint, lineage, tracking
 
 log = logging.getLogger(__name__)
@@ -87,21 +88,31 @@ def make_scheduler(optimizer, cfg: TrainParams):
 
 
 @torch.no_grad()
-def validate(model, processor, rows, collate, params: Params) -> dict[str, float]:
-    """Validation loss and CIDEr-D (captions from the configured generation) on a bounded sample."""
+def validate(model, processor, rows, collate, params: Params, accelerator) -> tuple[dict[str, float], list[str]]:
+    """Validation loss and CIDEr-D (captions from the configured generation) on a bounded sample. Each
+    process takes every n-th row; the results are gathered, so every process gets the same numbers."""
+    from accelerate.utils import gather_object
+
     model.eval()
-    losses, weights = [], []
-    for start in range(0, len(rows), params.train.batch_size):
-        batch = collate(rows[start : start + params.train.batch_size])
-        device = next(model.parameters()).device
+    mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
+    part = [rows[i] for i in mine]
+    loss_sum, device = 0.0, next(model.parameters()).device
+    for start in range(0, len(part), params.train.batch_size):
+        batch = collate(part[start : start + params.train.batch_size])
         out = model(**{k: v.to(device) for k, v in batch.items()})
-        losses.append(out.loss.item())
-        weights.append(len(batch["labels"]))
-    captions = caption_all(model, processor, [r["image"] for r in rows], params.generate, desc="validate")
-    scores = caption_scores([[r["caption"]] for r in rows], captions)
+        loss_sum += out.loss.item() * len(batch["labels"])
+    captions = caption_all(model, processor, [r["image"] for r in part], params.generate, desc="validate",
+                           quiet=not accelerator.is_local_main_process)
+    gathered = gather_object([(mine, captions, loss_sum)])
+    ordered = [""] * len(rows)
+    for indices, caps, _ in gathered:
+        for i, caption in zip(indices, caps):
+            ordered[i] = caption
+    scores = caption_scores([[r["caption"]] for r in rows], ordered)
     model.train()
-    return {"val_loss": sum(l * w for l, w in zip(losses, weights)) / sum(weights), "val_cider_d": scores["cider_d"],
-            "val_bleu_4": scores["bleu_4"]}
+    values = {"val_loss": sum(loss for *_, loss in gathered) / len(rows), "val_cider_d": scores["cider_d"],
+              "val_bleu_4": scores["bleu_4"]}
+    return values, ordered
 
 
 def save_best(model, processor, best_dir: Path) -> None:
@@ -153,14 +164,21 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     import datasets
     import mlflow
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 
     cfg = params.train
     dataset = datasets.load_from_disk(str(data_dir))
     processor = build_processor(params.model, dataset["train"]["caption"])
     model = initial_model(params.model, processor, params.seed)
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision),
-                              gradient_accumulation_steps=cfg.grad_accum_steps)
+    # split_batches: train.batch_size is the global batch, whatever the number of processes, so a recipe
+    # means the same thing on one CPU and on eight GPUs. cpu=True lets `accelerate launch` run DDP over gloo
+    # on a machine without a GPU.
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available(),
+                              gradient_accumulation_steps=cfg.grad_accum_steps,
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if cfg.batch_size % accelerator.num_processes:
+        raise DataSourceError(f"train.batch_size ({cfg.batch_size}) must be a multiple of the number of processes "
+                              f"({accelerator.num_processes}): it is the global batch, split across them")
     set_seed(params.seed)
     # bit-identical re-runs on the CPU; on a GPU, ops without a deterministic kernel only warn
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -181,19 +199,20 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     # the scheduler stays unwrapped: it counts optimizer steps, whatever the number of processes
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("training %.2fM parameters on %s (%s), %d train items, batch %d x %d accumulation",
-             n_params / 1e6, accelerator.device, accelerator.mixed_precision, len(dataset["train"]),
-             cfg.batch_size, cfg.grad_accum_steps)
+    log.info("training %.2fM parameters on %s x %d (%s), %d train items, batch %d x %d accumulation",
+             n_params / 1e6, accelerator.device, accelerator.num_processes, accelerator.mixed_precision,
+             len(dataset["train"]), cfg.batch_size, cfg.grad_accum_steps)
 
     tracker = BestTracker(cfg.metric, cfg.patience)
     train_log: list[dict] = []
     pending: list[tuple[int, torch.Tensor, float]] = []
     step = consumed = 0  # optimizer steps done, micro-batches drawn
-    fp = checkpoint.fingerprint(params.model_dump(), lineage.dataset_digest(data_dir))
+    fp = checkpoint.fingerprint(params.model_dump(), lineage.dataset_digest(data_dir), accelerator.num_processes)
     # the run's state and its best model so far live under checkpoint_dir until training ends
     state_dir, best_dir = out.checkpoint_dir / "state", out.checkpoint_dir / "best"
     resumed = checkpoint.load(state_dir, fp)
-    if resumed is None:
+    accelerator.wait_for_everyone()  # every process has read the checkpoint before one may discard it
+    if resumed is None and accelerator.is_main_process:
         checkpoint.discard(out.checkpoint_dir)  # another run's leftovers
     else:
         tensors, meta = resumed
@@ -206,7 +225,7 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     run = None
     if accelerator.is_main_process:
         if resumed is not None:  # the same MLflow run goes on
-            run = tracking.resume_run(resumed[1]["run_id"])
+            run = tracking.resume_run(resumed[1]["run_id"], system_metrics=True)
         else:
             run = tracking.start_run(params, {"device": accelerator.device.type,
                                               "mixed_precision": accelerator.mixed_precision})
@@ -216,8 +235,10 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     epoch, offset = divmod(consumed, batches_per_epoch)
     sampler.start = offset * cfg.batch_size
     batches = forever(loader, sampler, epoch)
-    if resumed is not None:
-        checkpoint.set_rng_state(resumed[0]["rng"])  # last: nothing may draw from the RNGs after this
+    if resumed is not None:  # last: nothing may draw from the RNGs after this
+        checkpoint.set_rng_state(resumed[0]["rng"][accelerator.process_index])
+    bar = progress(total=cfg.max_steps, initial=step, desc="train", unit="step",
+                   quiet=not accelerator.is_local_main_process)
     model.train()
     while step < cfg.max_steps:
         with accelerator.accumulate(model):
@@ -231,11 +252,13 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
         if not accelerator.sync_gradients:
             continue
         step += 1
+        bar.update()
         pending.append((step, loss.detach(), scheduler.get_last_lr()[0]))  # the lr this step used
         scheduler.step()
         if step % cfg.log_every == 0 or step == cfg.max_steps or step % cfg.checkpoint_every == 0:
-            # .item() is a device sync point: fetch the losses of several steps at once
-            rows = [{"step": s, "loss": l.item(), "lr": lr} for s, l, lr in pending]
+            # one collective and one device sync for several steps: the mean loss over all processes
+            losses = accelerator.reduce(torch.stack([l.float() for _, l, _ in pending]), "mean").tolist()
+            rows = [{"step": s, "loss": l, "lr": lr} for (s, _, lr), l in zip(pending, losses)]
             pending.clear()
             train_log.extend(rows)
             if run is not None:
@@ -243,10 +266,12 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
                     mlflow.log_metrics({"train_loss": r["loss"], "lr": r["lr"]}, step=r["step"], synchronous=False)
             log.info("step %d/%d loss %.4f lr %.2e", step, cfg.max_steps, rows[-1]["loss"], rows[-1]["lr"])
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            values = validate(accelerator.unwrap_model(model), processor, val_rows, collate, params)
+            values, captions = validate(accelerator.unwrap_model(model), processor, val_rows, collate, params,
+                                        accelerator)
             improved = tracker.update(step, values)
             if run is not None:
                 mlflow.log_metrics(values, step=step)
+                log_samples(val_rows[: cfg.sample_images], captions, step)
             log.info("step %d validation %s%s", step, {k: round(v, 4) for k, v in values.items()},
                      " (best so far)" if improved else "")
             accelerator.wait_for_everyone()
@@ -255,25 +280,39 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
             if tracker.exhausted:
                 stop_reason = f"early stopping: {cfg.metric} did not improve for {cfg.patience} evaluations"
                 break
-        if step % cfg.checkpoint_every == 0 and step < cfg.max_steps and accelerator.is_main_process:
-            mlflow.flush_async_logging()  # what the checkpoint has done is in MLflow before it counts
-            state = {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "rng": checkpoint.rng_state()}
-            checkpoint.save(state_dir, state, {
-                "fingerprint": fp, "step": step, "consumed": consumed, "train_log": train_log,
-                "run_id": run.info.run_id, "tracker": tracker.state()})
+        if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+            rngs = gather_object([checkpoint.rng_state()])  # every process's RNGs, in process order
+            if accelerator.is_main_process:
+                mlflow.flush_async_logging()  # what the checkpoint has done is in MLflow before it counts
+                state = {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                         "scheduler": scheduler.state_dict(), "rng": rngs}
+                checkpoint.save(state_dir, state, {
+                    "fingerprint": fp, "step": step, "consumed": consumed, "train_log": train_log,
+                    "run_id": run.info.run_id, "tracker": tracker.state()})
+    bar.close()
     seconds = time.perf_counter() - started
     summary = {
         "steps": step, "best_step": tracker.best_step, "best_metric": cfg.metric, "best_value": tracker.best,
         "stop_reason": stop_reason, "train_seconds": round(seconds, 1),
-        "samples_per_second": round(step * cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes / seconds, 2),
-        "parameters": n_params,
+        "samples_per_second": round(step * cfg.batch_size * cfg.grad_accum_steps / seconds, 2),
+        "parameters": n_params, "processes": accelerator.num_processes,
     }
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint.swap_in(best_dir, out.model_dir)  # a rename: the output appears whole or not at all
         _finish(summary, train_log, tracker.history, out)
         checkpoint.discard(out.checkpoint_dir)  # finished: the next run starts afresh
+    accelerator.end_training()
     return summary
+
+
+def log_samples(rows: list[dict], captions: list[str], step: int) -> None:
+    """A few validation images with the captions of this step, so the UI shows captions improve."""
+    import mlflow
+
+    if rows:
+        panel = caption_panel([r["image"] for r in rows], captions[: len(rows)], [r["caption"] for r in rows])
+        mlflow.log_image(panel, key="val_captions", step=step, synchronous=False)
 
 
 def _finish(summary: dict, train_log: list[dict], val_log: list[dict], out: Outputs) -> None:
