@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import os
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -31,7 +37,8 @@ FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEtoken0123456789", "AWS_SECRET_ACCESS_KEY": "
 
 @pytest.fixture(scope="module")
 def first_run(repo):
-    sh([str(BIN / "dvc"), "exp", "run", "-n", "tiny-offline", *set_args(TINY_OVERRIDES)], repo, **FAKE_SECRETS)
+    sh([str(BIN / "dvc"), "exp", "run", "-n", "tiny-offline", *set_args(TINY_OVERRIDES)], repo, **FAKE_SECRETS,
+       MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     return repo
 
 
@@ -49,7 +56,7 @@ def test_exp_run_offline_writes_metrics_lock_and_predictions(first_run):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["profile"] == "offline" and params["train"]["max_steps"] == 12
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "train", "evaluate", "register"}
+    assert set(lock["stages"]) == {"prepare", "train", "evaluate", "report", "register"}
     assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["max_steps"] == 12
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
     for when in ("before", "after"):
@@ -60,6 +67,9 @@ def test_exp_run_offline_writes_metrics_lock_and_predictions(first_run):
     assert len(predictions) == prepared["test_items"]
     assert {"key", "reference", "before", "after", "novel"} <= set(predictions[0])
     assert (repo / "models/best/model.safetensors").is_file()
+    assert {"cider_d_before", "cider_d_after", "category"} <= set(predictions[0])
+    assert set(evaluation["per_category"]) == {p["category"] for p in predictions}
+    assert (repo / "reports/report.html").stat().st_size > 10_000
     train = json.loads((repo / "metrics/train.json").read_text())
     assert train["steps"] == 12 and 1 <= train["best_step"] <= 12
     registered = json.loads((repo / "models/registered.json").read_text())
@@ -99,8 +109,57 @@ def test_one_mlflow_run_with_params_loss_history_and_eval_metrics(first_run):
     evaluation = json.loads((first_run / "metrics/eval.json").read_text())
     assert run.data.metrics["test_after_cider_d"] == pytest.approx(evaluation["after"]["cider_d"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"loss_curve.png", "eval.json", "predictions.jsonl", "train.json"} <= artifacts
+    assert {"loss_curve.png", "eval.json", "predictions.jsonl", "train.json", "report.html",
+            "predictions_table.json"} <= artifacts
     assert list((first_run / "mlruns").rglob("loss_curve.png"))
+    assert run.data.metrics["category/watch/test_after_cider_d"] >= 0
+
+
+def test_mlflow_ui_views_get_the_captions_table_step_images_and_system_metrics(first_run):
+    client = mlflow_client(first_run)
+    run = client.search_runs([client.get_experiment_by_name("fashioncap").experiment_id])[0]
+    run_id = run.info.run_id
+    table = json.loads(Path(client.download_artifacts(run_id, "predictions_table.json")).read_text())
+    columns = table["columns"]
+    assert {"image", "key", "reference", "before", "after", "cider_d_after"} <= set(columns)
+    evaluation = json.loads((first_run / "metrics/eval.json").read_text())
+    assert len(table["data"]) == evaluation["test_items"]
+    cell = table["data"][0][columns.index("image")]
+    assert cell["type"] == "image" and cell["filepath"].startswith("table_images/")
+    steps = {int(re.search(r"\+step\+(\d+)\+", a.path).group(1))
+             for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png")}
+    assert steps == {6, 12}  # captioned validation images at every evaluation
+    assert client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    assert client.get_metric_history(run_id, "system/system_memory_usage_megabytes")
+
+
+def test_report_renders_offline_in_headless_chromium_with_every_image(first_run, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("Debian's chromium package is missing: .ci/run installs it")
+        pytest.skip("needs Debian's chromium package (apt-get install chromium)")
+    page = (first_run / "reports/report.html").read_text()
+    # a probe added to a copy, not to the report: after load, count the images the browser decoded
+    probe = ("<script>addEventListener('load',()=>{const i=[...document.images];document.body.dataset.loaded="
+             "i.filter(x=>x.complete&&x.naturalWidth>0).length+'/'+i.length})</script></body>")
+    copy = tmp_path / "report.html"
+    copy.write_text(page.replace("</body>", probe))
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path / 'profile'}",
+             "--host-resolver-rules=MAP * ~NOTFOUND", "--virtual-time-budget=10000"]  # no network at all
+    dom = subprocess.run([*flags, "--dump-dom", copy.as_uri()], capture_output=True, text=True, timeout=120).stdout
+    loaded = re.search(r'data-loaded="(\d+)/(\d+)"', dom)
+    assert loaded, dom[-2000:]
+    total = page.count("<img ")
+    assert int(loaded.group(1)) == int(loaded.group(2)) == total >= 2
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, "--window-size=1280,1600", f"--screenshot={shot}", (first_run / "reports/report.html")
+                    .as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        colours = image.convert("RGB").resize((160, 200)).getcolors(maxcolors=200 * 160)
+    assert len(colours) > 500  # rendered images and charts, not a blank page
 
 
 def test_params_show_in_dvc_exp_show_and_params_diff(first_run):
@@ -121,7 +180,44 @@ def test_queued_experiment_lands_in_the_same_store(first_run):
     client = mlflow_client(repo)
     exp = client.get_experiment_by_name("fashioncap")
     names = {r.data.tags.get("dvc.exp_name") for r in client.search_runs([exp.experiment_id])}
-    assert names == {"tiny-offline", "tiny-queued"}
+    assert {"tiny-offline", "tiny-queued"} <= names
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     assert len(list((repo / "mlruns").rglob("loss_curve.png"))) == 2
     assert str(client.get_model_version_by_alias("fashion-captioner", "candidate").version) == "2"
+
+
+def test_dvc_compares_experiments_curves_metrics_and_changed_params(first_run):
+    repo = first_run
+    shown = sh([str(BIN / "dvc"), "exp", "show", "--only-changed", "--csv"], repo).stdout
+    rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(shown)) if r["Experiment"]}
+    assert {"tiny-offline", "tiny-queued"} <= set(rows)
+    assert rows["tiny-offline"]["train.lr"] != rows["tiny-queued"]["train.lr"]
+    assert "after.cider_d" in shown.splitlines()[0] and "train.max_steps" not in shown.splitlines()[0]
+    plots = json.loads(sh([str(BIN / "dvc"), "plots", "diff", "tiny-offline", "tiny-queued", "--json"], repo).stdout)
+    plots = plots["data"]
+    for title in ("Training loss", "Validation loss", "Validation CIDEr-D"):
+        revisions = {point["rev"] for point in plots[title][0]["content"]["data"]["values"]}
+        assert revisions == {"tiny-offline", "tiny-queued"}, title
+
+
+def test_train_stage_runs_under_accelerate_launch_with_two_processes(first_run):
+    repo = first_run
+    launcher = "train.launcher=accelerate launch --config_file conf/accelerate/ddp_cpu.yaml"
+    sh([str(BIN / "dvc"), "exp", "run", "-n", "tiny-ddp", *set_args([*TINY_OVERRIDES, launcher])], repo)
+    train = json.loads((repo / "metrics/train.json").read_text())
+    assert train["processes"] == 2 and train["steps"] == 12
+    client = mlflow_client(repo)
+    runs = client.search_runs([client.get_experiment_by_name("fashioncap").experiment_id])
+    by_name = {}
+    for run in runs:
+        by_name.setdefault(run.data.tags.get("dvc.exp_name"), []).append(run)
+    assert len(by_name["tiny-ddp"]) == 1  # only the main process logs
+    ddp, single = by_name["tiny-ddp"][0], by_name["tiny-offline"][0]
+    assert sorted(m.step for m in client.get_metric_history(ddp.info.run_id, "train_loss")) == list(range(1, 13))
+    versions = client.search_model_versions("name = 'fashion-captioner'")
+    assert [v.run_id for v in versions].count(ddp.info.run_id) == 1  # one model, registered once
+    assert len(list((repo / "models/best").glob("*.safetensors"))) == 1
+    # the same global batch split over two processes: the same recipe, so nearly the same losses
+    for metric in ("train_loss", "val_loss"):
+        a, b = ddp.data.metrics[metric], single.data.metrics[metric]
+        assert abs(a - b) / b < 0.05, (metric, a, b)

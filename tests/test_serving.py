@@ -6,8 +6,6 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,16 +17,11 @@ from PIL import Image
 
 from fashioncap import registry
 from fashioncap.register import register
+from tests.conftest import background_server, free_port
 from tests.test_registry import new_run, png_b64, table
 
 pytestmark = pytest.mark.slow
 NAME = "fashion-captioner"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def post(port: int, body: object, raw: bytes | None = None) -> tuple[int, dict]:
@@ -53,26 +46,9 @@ def server(registry_env, tiny_params, tmp_path):
     registry.promote(client, NAME)
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "fashioncap.cli", "serve", "--port", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("server did not answer /ping in 120 s")
-        yield port, tiny_params, proc.pid  # `fashioncap serve` execs mlflow: the same PID
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
+    with background_server([sys.executable, "-m", "fashioncap.cli", "serve", "--port", str(port)],
+                           f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", tmp_path, env) as pid:
+        yield port, tiny_params, pid  # `fashioncap serve` execs mlflow: the same PID
 
 
 def noise_b64() -> str:

@@ -176,6 +176,8 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available(),
                               gradient_accumulation_steps=cfg.grad_accum_steps,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)  # one process tells the story
     if cfg.batch_size % accelerator.num_processes:
         raise DataSourceError(f"train.batch_size ({cfg.batch_size}) must be a multiple of the number of processes "
                               f"({accelerator.num_processes}): it is the global batch, split across them")
@@ -212,8 +214,9 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     state_dir, best_dir = out.checkpoint_dir / "state", out.checkpoint_dir / "best"
     resumed = checkpoint.load(state_dir, fp)
     accelerator.wait_for_everyone()  # every process has read the checkpoint before one may discard it
-    if resumed is None and accelerator.is_main_process:
-        checkpoint.discard(out.checkpoint_dir)  # another run's leftovers
+    if resumed is None:
+        if accelerator.is_main_process:
+            checkpoint.discard(out.checkpoint_dir)  # another run's leftovers
     else:
         tensors, meta = resumed
         accelerator.unwrap_model(model).load_state_dict(tensors["model"])
