@@ -104,3 +104,15 @@ def test_too_dirty_a_catalogue_fails_naming_the_worst_reasons(tmp_path, write_pa
     assert proc.returncode == 2
     assert "10 of 18 items rejected" in proc.stderr and "empty_caption (2)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_worker_processes_give_the_same_rows_and_rejections_as_one_process(tmp_path, tiny_raw, shop):
+    from fashioncap.config import parse_params
+    from fashioncap.prepare import build_splits
+
+    data = {**tiny_raw["data"], "source": "imagefolder", "path": str(tmp_path / "shop"), "max_pixels": 100_000}
+    serial = build_splits(parse_params({**tiny_raw, "data": {**data, "num_workers": 0}}))
+    parallel = build_splits(parse_params({**tiny_raw, "data": {**data, "num_workers": 2}}))
+    assert parallel == serial
+    rows, rejected = serial
+    assert sum(map(len, rows.values())) >= 5 and {r["kind"] for r in rejected} >= {"duplicate_image_other_caption", "corrupt_image", "too_many_pixels"}

@@ -48,3 +48,22 @@ def test_a_training_split_smaller_than_one_step_is_a_clear_error(tiny_raw, tiny_
                            "--data", str(data_dir), "--checkpoint-dir", str(tmp_path / "ckpt")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and "fewer than one optimizer step needs" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_memory_options_freeze_the_vision_encoder_and_checkpoint_activations(tiny_params):
+    from fashioncap.modeling import Collator, apply_memory_options, build_processor, initial_model
+    from fashioncap.synthetic import catalogue
+
+    items = list(catalogue(0, 4, tiny_params.model.image_size))
+    processor = build_processor(tiny_params.model, [p.caption for p in items])
+    model = apply_memory_options(initial_model(tiny_params.model, processor, 0), True, True)
+    assert model.is_gradient_checkpointing
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
+    model.train()
+    collate = Collator(processor, 16, model.config.text_config.bos_token_id)
+    loss = model(**collate([{"image": p.image, "caption": p.caption} for p in items])).loss
+    loss.backward()
+    assert all(p.grad is None for p in model.vision_model.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text_decoder.parameters())
+    opt = make_optimizer(model, tiny_params.train)  # only trainable parameters get optimizer state
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) < sum(p.numel() for p in model.parameters())

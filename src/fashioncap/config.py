@@ -47,6 +47,7 @@ class DataParams(_Section):
     max_pixels: Annotated[int, Field(ge=64)]
     max_caption_words: PositiveInt
     max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)]
+    num_workers: NonNegInt
     synthetic: SyntheticData
 
     @model_validator(mode="after")
@@ -119,6 +120,8 @@ class TrainParams(_Section):
     num_workers: NonNegInt
     log_every: PositiveInt
     launcher: Annotated[str, Field(min_length=1)]
+    gradient_checkpointing: bool
+    freeze_vision: bool
     sample_images: NonNegInt
 
     @model_validator(mode="after")

@@ -66,6 +66,16 @@ def scratch_config(cfg: ModelParams, tokenizer):
     return BlipConfig(text_config=text, vision_config=vision, projection_dim=s.text_hidden)
 
 
+def apply_memory_options(model, freeze_vision: bool, gradient_checkpointing: bool):
+    """Freezes the vision encoder (no gradients, optimizer state or saved activations for it) and/or
+    turns on gradient checkpointing (activations recomputed in the backward pass)."""
+    if freeze_vision:
+        model.vision_model.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def initial_model(cfg: ModelParams, processor, seed: int):
     """The weights fine-tuning starts from: the pretrained checkpoint, or a seeded random init."""
     from transformers import BlipForConditionalGeneration, set_seed

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
+import multiprocessing
 import shutil
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from PIL import Image
@@ -52,31 +55,49 @@ def _content_digest(item: RawItem) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def process(item: RawItem, cfg: DataParams, size: int) -> dict:
+    """The per-item work (decode, check, resize, encode, digest), as a plain row a worker can send back;
+    a rejected item comes back with its reason and kind instead."""
+    try:
+        caption, image = screen(item, cfg, size)
+    except Rejected as error:
+        return {"key": item.key, "source": item.source, "reason": str(error), "kind": error.kind}
+    return {"key": item.key, "source": item.source, "caption": caption, "category": item.category or "",
+            "digest": _content_digest(item), "bytes": encode_image(image, cfg.image_format)}
+
+
+def processed(items: Iterable[RawItem], cfg: DataParams, size: int) -> Iterator[dict]:
+    """`process` over the items, in `cfg.num_workers` processes (0: in this one), in the items' order."""
+    work = functools.partial(process, cfg=cfg, size=size)
+    if cfg.num_workers == 0:
+        yield from map(work, items)
+        return
+    # spawn: a clean interpreter per worker, whatever threads this process has started
+    with multiprocessing.get_context("spawn").Pool(cfg.num_workers) as pool:
+        yield from pool.imap(work, items, chunksize=16)
+
+
 def build_splits(params: Params) -> tuple[dict[str, list[dict]], list[dict]]:
     """Reads the source; returns the rows of each split and a report of every rejected item."""
     cfg = params.data
     rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
     rejected: list[dict] = []
     first_seen: dict[str, tuple[str, str]] = {}
-    for item in progress(read_source(cfg, params.seed), desc="prepare", unit="img"):
-        try:
-            caption, image = screen(item, cfg, params.model.image_size)
-            digest = _content_digest(item)
-            if digest in first_seen:  # the same photo twice: keep the first, whatever the captions say
-                key, other = first_seen[digest]
-                kind = "duplicate_image" if other == caption else "duplicate_image_other_caption"
-                raise Rejected(f"same image as {key}" + ("" if other == caption else " with another caption"), kind)
-            first_seen[digest] = (item.key, caption)
-        except Rejected as error:
-            rejected.append({"key": item.key, "source": item.source, "reason": str(error), "kind": error.kind})
+    items = progress(read_source(cfg, params.seed), desc="prepare", unit="img")
+    for row in processed(items, cfg, params.model.image_size):
+        if "kind" not in row and row["digest"] in first_seen:
+            # the same photo twice: keep the first, whatever the captions say
+            key, other = first_seen[row["digest"]]
+            same = other == row["caption"]
+            row = {**row, "reason": f"same image as {key}" + ("" if same else " with another caption"),
+                   "kind": "duplicate_image" if same else "duplicate_image_other_caption"}
+        if "kind" in row:
+            rejected.append({k: row[k] for k in ("key", "source", "reason", "kind")})
             continue
-        split = split_of(item.key, cfg.split_salt, cfg.val_fraction, cfg.test_fraction)
-        rows[split].append({
-            "key": item.key,
-            "image": {"bytes": encode_image(image, cfg.image_format), "path": None},
-            "caption": caption,
-            "category": item.category or "",
-        })
+        first_seen[row["digest"]] = (row["key"], row["caption"])
+        split = split_of(row["key"], cfg.split_salt, cfg.val_fraction, cfg.test_fraction)
+        rows[split].append({"key": row["key"], "image": {"bytes": row["bytes"], "path": None},
+                            "caption": row["caption"], "category": row["category"]})
     return rows, rejected
 
 

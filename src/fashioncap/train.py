@@ -14,7 +14,7 @@ import torch
 from .config import Params, TrainParams, load_params
 from .data import DataSourceError
 from .metrics import caption_scores
-from .modeling import Collator, build_processor, caption_all, initial_model
+from .modeling import Collator, apply_memory_options, build_processor, caption_all, initial_model
 from .report import caption_panel
 from .runtime import progress, run_stage, stage_args
 from . import checkpoint, lineage, tracking
@@ -169,7 +169,8 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     cfg = params.train
     dataset = datasets.load_from_disk(str(data_dir))
     processor = build_processor(params.model, dataset["train"]["caption"])
-    model = initial_model(params.model, processor, params.seed)
+    model = apply_memory_options(initial_model(params.model, processor, params.seed), cfg.freeze_vision,
+                                 cfg.gradient_checkpointing)
     # split_batches: train.batch_size is the global batch, whatever the number of processes, so a recipe
     # means the same thing on one CPU and on eight GPUs. cpu=True lets `accelerate launch` run DDP over gloo
     # on a machine without a GPU.

@@ -1,0 +1,1 @@
+"""Benchmarks: each measures this project and its baseline in the same process run (`python -m benchmarks`)."""

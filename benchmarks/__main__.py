@@ -1,0 +1,63 @@
+"""`python -m benchmarks [--quick] [--only NAME ...]`: every benchmark beside its baseline, a table, and
+as the last line one JSON object with every figure and ratio."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import time
+
+from .common import machine
+
+BENCHMARKS = {  # name: module; cheapest first
+    "metrics": "scoring",
+    "generation": "generation",
+    "prepare": "prepare",
+    "train": "train_step",
+    "memory": "memory",
+    "serving": "serving",
+    "pipeline": "pipeline",
+}
+
+
+def table(rows: list[dict]) -> str:
+    head = ("benchmark", "setting", "ours", "baseline", "ratio", "target", "met", "unit / note")
+    lines = [head]
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None else "-"
+        target = f"{r['target']:.2f}x" if r["target"] is not None else "-"
+        met = {True: "yes", False: "NO", None: "-"}[r["met"]]
+        base = f"{r['baseline']:.3g} ({r['baseline_name']})" if r["baseline"] is not None else "-"
+        lines.append((r["benchmark"], r["setting"], f"{r['ours']:.3g}", base, ratio, target, met,
+                      f"{r['unit']}" + (f"; {r['note']}" if r["note"] else "")))
+    widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller settings (< 5 min on 2 CPU cores)")
+    parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these benchmarks")
+    args = parser.parse_args()
+    from fashioncap.runtime import configure_environment
+
+    configure_environment()
+    os.environ.setdefault("FASHIONCAP_LOG", "WARNING")
+    logging.basicConfig(level=logging.WARNING)
+    rows, seconds = [], {}
+    for name in args.only or BENCHMARKS:
+        started = time.perf_counter()
+        module = importlib.import_module(f"benchmarks.{BENCHMARKS[name]}")
+        results = module.run(args.quick)
+        seconds[name] = round(time.perf_counter() - started, 1)
+        rows.extend(r.as_dict() for r in results)
+        print(f"# {name}: {seconds[name]} s", flush=True)
+    print(table(rows))
+    print(json.dumps({"machine": machine(), "quick": args.quick, "seconds": seconds, "results": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""Caption generation: the evaluate stage's batched generate() (KV cache on) against one image at a time."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import Result, median_seconds, offline_params, products
+from .train_step import build_model, make_processor
+
+
+def measure(size: str, n_images: int, beams: int, repeats: int) -> dict:
+    from fashioncap.modeling import caption_all, caption_batch
+
+    params = offline_params(f"generate.num_beams={beams}", "generate.min_length=0")
+    side = 384 if size == "base" else params.model.image_size
+    items = products(n_images, side)
+    processor = make_processor(size, [p.caption for p in items])
+    model = build_model(size, processor).eval()
+    if torch.cuda.is_available():
+        model = model.cuda()
+    images = [p.image for p in items]
+    # random weights rarely say "stop": both ways generate max_new_tokens for every image
+    batched = median_seconds(lambda: caption_all(model, processor, images, params.generate, quiet=True), repeats)
+    single = median_seconds(lambda: [caption_batch(model, processor, [im], params.generate) for im in images], repeats)
+    return {"batched_s": batched, "single_s": single, "batch_size": params.generate.batch_size,
+            "max_new_tokens": params.generate.max_new_tokens}
+
+
+def run(quick: bool) -> list[Result]:
+    results = []
+    settings = [("offline", 64, 1), ("offline", 64, 3)]
+    if not quick:
+        settings += [("base", 8, 1), ("base", 8, 3)]
+    for size, n, beams in settings:
+        m = measure(size, n, beams, repeats=3 if quick else 5)
+        name = "BLIP-base" if size == "base" else "offline BLIP"
+        mode = "greedy" if beams == 1 else f"{beams} beams"
+        results.append(Result("caption generation", f"{name}, {n} images, {mode}, batch {min(n, m['batch_size'])}",
+                              "images/s", n / m["batched_s"], n / m["single_s"], "one image at a time",
+                              target=2.0))
+    return results

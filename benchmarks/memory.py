@@ -1,0 +1,79 @@
+"""Memory: peak RSS of BLIP-base-size training steps with and without the memory options (gradient
+checkpointing, frozen vision encoder), each in a fresh process so the peaks don't mix."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+from .common import Result
+
+
+def child(batch: int, freeze_vision: bool, checkpointing: bool) -> dict:
+    """Two train steps (the second one holds the optimizer state too); returns the process's peak RSS."""
+    import time
+
+    import torch
+
+    from fashioncap.modeling import Collator, apply_memory_options
+    from fashioncap.train import make_optimizer
+
+    from .common import offline_params
+    from .train_step import build_model, catalogue_batches, make_processor, ours_step
+
+    params = offline_params()
+    items = catalogue_batches(batch, 384)
+    processor = make_processor("base", [r["caption"] for r in items])
+    model = apply_memory_options(build_model("base", processor), freeze_vision, checkpointing)
+    model.train()
+    collate = Collator(processor, params.model.max_caption_tokens, model.config.text_config.bos_token_id)
+    optimizer = make_optimizer(model, params.train)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    started = time.perf_counter()
+    for _ in range(2):
+        ours_step(model, processor, optimizer, accelerator, collate, items, params.train.clip_grad_norm)
+    seconds = (time.perf_counter() - started) / 2
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    return {"peak_mib": peak_kib / 1024, "step_s": seconds, "trainable": trainable, "threads": torch.get_num_threads()}
+
+
+def measure(batch: int, freeze_vision: bool, checkpointing: bool) -> dict:
+    args = [sys.executable, "-m", "benchmarks.memory", "--batch", str(batch)]
+    args += ["--freeze-vision"] if freeze_vision else []
+    args += ["--gradient-checkpointing"] if checkpointing else []
+    out = subprocess.run(args, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"memory benchmark child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run(quick: bool) -> list[Result]:
+    batch = 4 if quick else 8
+    plain = measure(batch, False, False)
+    results = []
+    for label, freeze, ckpt in (("gradient checkpointing", False, True), ("frozen vision encoder", True, False),
+                                ("both", True, True)):
+        if quick and label != "both":
+            continue
+        m = measure(batch, freeze, ckpt)
+        results.append(Result("memory", f"BLIP-base train step, batch {batch}, {label}", "MiB peak RSS",
+                              m["peak_mib"], plain["peak_mib"], "no memory options", target=1 / 0.6,
+                              higher_is_better=False,
+                              note=f"{1 - m['peak_mib'] / plain['peak_mib']:.0%} lower; step {m['step_s']:.1f} s "
+                                   f"vs {plain['step_s']:.1f} s"))
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--freeze-vision", action="store_true")
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    a = parser.parse_args()
+    print(json.dumps(child(a.batch, a.freeze_vision, a.gradient_checkpointing)))
