@@ -28,11 +28,12 @@ def measure(size: str, n_images: int, beams: int, repeats: int) -> dict:
 
 def run(quick: bool) -> list[Result]:
     results = []
-    settings = [("offline", 64, 1), ("offline", 64, 3)]
+    n = 16 if quick else 64
+    settings = [("offline", n, 1), ("offline", n, 3)]
     if not quick:
         settings += [("base", 8, 1), ("base", 8, 3)]
     for size, n, beams in settings:
-        m = measure(size, n, beams, repeats=3 if quick else 5)
+        m = measure(size, n, beams, repeats=2 if quick else 5)
         name = "BLIP-base" if size == "base" else "offline BLIP"
         mode = "greedy" if beams == 1 else f"{beams} beams"
         results.append(Result("caption generation", f"{name}, {n} images, {mode}, batch {min(n, m['batch_size'])}",

@@ -6,10 +6,10 @@ import functools
 import hashlib
 import json
 import logging
-import multiprocessing
 import shutil
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
@@ -67,14 +67,21 @@ def process(item: RawItem, cfg: DataParams, size: int) -> dict:
 
 
 def processed(items: Iterable[RawItem], cfg: DataParams, size: int) -> Iterator[dict]:
-    """`process` over the items, in `cfg.num_workers` processes (0: in this one), in the items' order."""
+    """`process` over the items in `cfg.num_workers` threads (0: in this one), in the items' order, with
+    at most a few items per thread in flight. Threads suffice: Pillow and hashlib release the GIL
+    while they decode, resize, encode and hash, and nothing is pickled between processes."""
     work = functools.partial(process, cfg=cfg, size=size)
     if cfg.num_workers == 0:
         yield from map(work, items)
         return
-    # spawn: a clean interpreter per worker, whatever threads this process has started
-    with multiprocessing.get_context("spawn").Pool(cfg.num_workers) as pool:
-        yield from pool.imap(work, items, chunksize=16)
+    with ThreadPoolExecutor(cfg.num_workers) as pool:
+        pending: deque = deque()
+        for item in items:
+            pending.append(pool.submit(work, item))
+            if len(pending) >= 4 * cfg.num_workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
 
 
 def build_splits(params: Params) -> tuple[dict[str, list[dict]], list[dict]]:
