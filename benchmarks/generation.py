@@ -33,7 +33,7 @@ def run(quick: bool) -> list[Result]:
     if not quick:
         settings += [("base", 8, 1), ("base", 8, 3)]
     for size, n, beams in settings:
-        m = measure(size, n, beams, repeats=2 if quick else 5)
+        m = measure(size, n, beams, repeats=2 if quick else 3 if size == "base" else 5)
         name = "BLIP-base" if size == "base" else "offline BLIP"
         mode = "greedy" if beams == 1 else f"{beams} beams"
         results.append(Result("caption generation", f"{name}, {n} images, {mode}, batch {min(n, m['batch_size'])}",

@@ -83,7 +83,7 @@ def load(url: str, images: list[str], per_request: int, concurrency: int, reques
 
 
 def run(quick: bool) -> list[Result]:
-    requests = 12 if quick else 96
+    requests = 12 if quick else 48
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         env = {**os.environ, **champion(root)}

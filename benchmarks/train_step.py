@@ -145,7 +145,7 @@ def measure(size: str, batch: int, repeats: int, precision: str = "auto", baseli
 
 def run(quick: bool) -> list[Result]:
     results = []
-    settings = [("offline", 32, 3 if quick else 10), ("base", 2 if quick else 8, 1 if quick else 3)]
+    settings = [("offline", 16 if quick else 32, 2 if quick else 10), ("base", 1 if quick else 8, 1 if quick else 3)]
     for size, batch, repeats in settings:
         m = measure(size, batch, repeats)
         label = f"{'BLIP-base (224M)' if size == 'base' else 'offline BLIP (0.9M)'}, batch {batch}, {m['device']}"
