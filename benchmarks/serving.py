@@ -7,16 +7,15 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from tests.conftest import background_server, free_port, untrained_model  # the test suite's helpers
 
 from .common import Result, offline_params, products
 
@@ -27,17 +26,10 @@ def champion(root: Path) -> dict:
     import mlflow
 
     from fashioncap import registry, tracking
-    from fashioncap.modeling import build_processor, initial_model
-    from fashioncap.prepare import build_splits, save
     from fashioncap.register import register
 
     params = offline_params("data.synthetic.items=60", "data.synthetic.render_size=96", "data.num_workers=0")
-    rows, rejected = build_splits(params)
-    save(rows, rejected, root / "prepared")
-    processor = build_processor(params.model, [r["caption"] for r in rows["train"]])
-    model = initial_model(params.model, processor, params.seed)
-    model.save_pretrained(root / "best")
-    processor.save_pretrained(root / "best")
+    untrained_model(params, root)
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
     before = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ.update(env)  # the project's tracking code reads it
@@ -55,12 +47,6 @@ def champion(root: Path) -> dict:
         else:
             os.environ["MLFLOW_TRACKING_URI"] = before
     return env
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: bytes) -> float:
@@ -92,18 +78,11 @@ def run(quick: bool) -> list[Result]:
             buf = io.BytesIO()
             p.image.save(buf, format="PNG")
             images.append(base64.b64encode(buf.getvalue()).decode())
-        port = _port()
-        log = open(root / "serve.log", "w")
-        proc = subprocess.Popen([sys.executable, "-m", "fashioncap.cli", "serve", "--port", str(port)], env=env,
-                                cwd=root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait(f"http://127.0.0.1:{port}/ping", proc, root / "serve.log")
+        port = free_port()
+        serve = [sys.executable, "-m", "fashioncap.cli", "serve", "--port", str(port)]
+        with background_server(serve, f"http://127.0.0.1:{port}/ping", root / "serve.log", root, env, timeout=180):
             url = f"http://127.0.0.1:{port}/invocations"
             figures = {(c, k): load(url, images, k, c, requests) for c in (1, 8) for k in (1, 8)}
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-            log.close()
     results = []
     for (c, k), m in figures.items():
         single = figures[(c, 1)]["images_per_s"] if k > 1 else None
@@ -112,17 +91,3 @@ def run(quick: bool) -> list[Result]:
                               note=f"{m['requests_per_s']:.1f} req/s, p50 {m['p50_s'] * 1000:.0f} ms, "
                                    f"p95 {m['p95_s'] * 1000:.0f} ms"))
     return results
-
-
-def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the model server exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"the model server did not answer {url} in {timeout} s")

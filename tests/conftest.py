@@ -101,11 +101,15 @@ def _quiet_env(monkeypatch, tmp_path_factory):
 def tiny_model(tmp_path_factory, tiny_raw) -> tuple[Path, Path]:
     """A prepared tiny dataset and an untrained tiny BLIP saved as the train stage saves it."""
     from fashioncap.config import parse_params
+
+    return untrained_model(parse_params(copy.deepcopy(tiny_raw)), tmp_path_factory.mktemp("tiny-model"))
+
+
+def untrained_model(params, root: Path) -> tuple[Path, Path]:
+    """Prepares the params' data into root/prepared and saves an untrained model as train saves its best."""
     from fashioncap.modeling import build_processor, initial_model
     from fashioncap.prepare import build_splits, save
 
-    params = parse_params(copy.deepcopy(tiny_raw))
-    root = tmp_path_factory.mktemp("tiny-model")
     rows, rejected = build_splits(params)
     save(rows, rejected, root / "prepared")
     processor = build_processor(params.model, [r["caption"] for r in rows["train"]])
