@@ -57,7 +57,7 @@ def test_memory_options_freeze_the_vision_encoder_and_checkpoint_activations(tin
     items = list(catalogue(0, 4, tiny_params.model.image_size))
     processor = build_processor(tiny_params.model, [p.caption for p in items])
     model = apply_memory_options(initial_model(tiny_params.model, processor, 0), True, True)
-    assert model.is_gradient_checkpointing
+    assert model.is_activation_checkpointing
     assert not any(p.requires_grad for p in model.vision_model.parameters())
     model.train()
     collate = Collator(processor, 16, model.config.text_config.bos_token_id)

@@ -72,7 +72,7 @@ def apply_memory_options(model, freeze_vision: bool, gradient_checkpointing: boo
     if freeze_vision:
         model.vision_model.requires_grad_(False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
