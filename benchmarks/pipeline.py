@@ -23,7 +23,6 @@ def _sh(args: list[str], cwd: Path) -> None:
 
 
 def run(quick: bool) -> list[Result]:
-    sys.path.insert(0, str(REPO))
     from tests.conftest import TINY_OVERRIDES  # the test suite's tiny offline config: seconds, not minutes
 
     with tempfile.TemporaryDirectory() as tmp:
