@@ -43,8 +43,10 @@ TINY_OVERRIDES = [
     "train.eval_samples=8",
     "train.num_workers=0",
     "train.log_every=4",
-    "generate.max_new_tokens=12",
+    "model.max_caption_tokens=24",
+    "generate.max_new_tokens=24",
     "generate.batch_size=16",
+    "evaluate.table_images=10",
     "registry.max_images=4",
     "registry.max_pixels=10000",
     "registry.max_request_bytes=60000",
@@ -108,14 +110,14 @@ def tiny_model(tmp_path_factory, tiny_raw) -> tuple[Path, Path]:
 def untrained_model(params, root: Path) -> tuple[Path, Path]:
     """Prepares the params' data into root/prepared and saves an untrained model as train saves its best."""
     from fashioncap.modeling import build_processor, initial_model
-    from fashioncap.prepare import build_splits, save
+    from fashioncap.modeling import save_model
+    from fashioncap.prepare import build_splits, save, token_lengths
 
     rows, rejected = build_splits(params)
-    save(rows, rejected, root / "prepared")
+    save(rows, rejected, root / "prepared", token_lengths(params.model, rows))
     processor = build_processor(params.model, [r["caption"] for r in rows["train"]])
     model = initial_model(params.model, processor, params.seed)
-    model.save_pretrained(root / "best")
-    processor.save_pretrained(root / "best")
+    save_model(model, processor, root / "best", params.generate)
     return root / "best", root / "prepared"
 
 

@@ -46,7 +46,7 @@ def test_exif_rotated_photo_is_turned_upright():
 
 
 def test_clean_caption_rejects_non_text():
-    assert clean_caption("  A Red  WATCH. ") == "a red watch"
+    assert clean_caption("  A Red  WATCH. ") == "A Red WATCH."
     assert clean_caption(None) == "" and clean_caption(3) == "" and clean_caption("   ") == ""
     assert clean_caption("caf\xe9".encode("latin-1")) == "caf"  # undecodable bytes dropped, no crash
 

@@ -67,7 +67,8 @@ def test_unloadable_pretrained_model_is_a_clear_error_not_a_traceback(tiny_raw, 
     import sys
 
     _, data_dir = tiny_model
-    raw = dict(tiny_raw, model={**tiny_raw["model"], "init": str(tmp_path / "no-such-blip")})
+    raw = dict(tiny_raw, model={**tiny_raw["model"], "init": str(tmp_path / "no-such-blip")},
+               train={**tiny_raw["train"], "allow_cpu": True})
     proc = subprocess.run([sys.executable, "-m", "fashioncap.train", "--params", str(write_params(raw)),
                            "--data", str(data_dir), "--model-dir", str(tmp_path / "best")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)

@@ -123,7 +123,7 @@ def test_mlflow_ui_views_get_the_captions_table_step_images_and_system_metrics(f
     columns = table["columns"]
     assert {"image", "key", "reference", "before", "after", "cider_d_after"} <= set(columns)
     evaluation = json.loads((first_run / "metrics/eval.json").read_text())
-    assert len(table["data"]) == evaluation["test_items"]
+    assert evaluation["test_items"] > 10 and len(table["data"]) == 10  # evaluate.table_images bounds it
     cell = table["data"][0][columns.index("image")]
     assert cell["type"] == "image" and cell["filepath"].startswith("table_images/")
     steps = {int(re.search(r"\+step\+(\d+)\+", a.path).group(1))

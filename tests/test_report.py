@@ -7,7 +7,7 @@ import re
 
 from PIL import Image
 
-from fashioncap.evaluate import mlflow_metrics, per_category, prediction_table, score_table
+from fashioncap.evaluate import TABLE_THUMBNAIL, mlflow_metrics, per_category, prediction_table, score_table
 from fashioncap.report import caption_panel, data_uri, outcome, render, select_gallery
 
 
@@ -89,9 +89,18 @@ def test_per_category_scores_and_their_mlflow_names():
 def test_prediction_table_has_one_row_per_image():
     preds = [prediction(i, 0.1, 0.2) for i in range(3)]
     images = [Image.new("RGB", (8, 8)) for _ in preds]
-    table = prediction_table(preds, images)
+    table = prediction_table(preds, images, limit=10)
     assert list(table)[0] == "image" and table["key"] == ["k000", "k001", "k002"]
     assert all(len(column) == 3 for column in table.values())
+
+
+def test_prediction_table_is_bounded_and_holds_thumbnails_not_full_images():
+    """evaluate.table_images bounds what a run stores in MLflow: a real test split has ~1,000 images."""
+    preds = [prediction(i, 0.1, 0.2) for i in range(5)]
+    images = [Image.new("RGB", (384, 384), "red") for _ in preds]
+    table = prediction_table(preds, images, limit=2)
+    assert table["key"] == ["k000", "k001"] and all(len(column) == 2 for column in table.values())
+    assert {image.size for image in table["image"]} == {(TABLE_THUMBNAIL, TABLE_THUMBNAIL)}
 
 
 def test_caption_panel_puts_each_image_beside_the_next():

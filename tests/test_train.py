@@ -1,5 +1,8 @@
 """Best-checkpoint bookkeeping, early stopping and precision choice of the train stage."""
 
+import os
+
+import pytest
 import torch
 
 from fashioncap.train import BestTracker, make_optimizer, mixed_precision
@@ -67,3 +70,57 @@ def test_memory_options_freeze_the_vision_encoder_and_checkpoint_activations(tin
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.text_decoder.parameters())
     opt = make_optimizer(model, tiny_params.train)  # only trainable parameters get optimizer state
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) < sum(p.numel() for p in model.parameters())
+
+
+def test_default_profile_without_a_gpu_stops_in_seconds_naming_the_way_out(tmp_path):
+    """The committed default params on a CPU-only machine: no download, no model load, a clear exit 2."""
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import REPO
+
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "fashioncap.train", "--params", str(REPO / "params.yaml"),
+                           "--data", str(tmp_path / "not-prepared"), "--model-dir", str(tmp_path / "best")],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert time.monotonic() - started < 30
+    assert "no GPU found" in proc.stderr and "profile=offline" in proc.stderr and "train.allow_cpu=true" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "mlflow.db").exists()
+
+
+def test_cpu_guard_lets_scratch_models_and_explicit_overrides_through(tiny_params):
+    from fashioncap.train import TrainSetupError, check_device
+
+    check_device(tiny_params, has_gpu=False)  # offline profile: from scratch
+    pretrained = tiny_params.model_copy(update={"model": tiny_params.model.model_copy(update={"init": "some/blip"})})
+    with pytest.raises(TrainSetupError, match="allow_cpu"):
+        check_device(pretrained, has_gpu=False)
+    check_device(pretrained, has_gpu=True)
+    allowed = pretrained.model_copy(update={"train": pretrained.train.model_copy(update={"allow_cpu": True})})
+    check_device(allowed, has_gpu=False)
+
+
+def test_max_caption_tokens_below_the_99th_percentile_is_refused(tiny_params, tmp_path):
+    import json
+
+    from fashioncap.data import TOKEN_LENGTHS
+    from fashioncap.train import TrainSetupError, check_caption_lengths
+
+    counts = {"10": 90, "30": 9, "40": 1}  # p99 = 30
+    (tmp_path / TOKEN_LENGTHS).write_text(json.dumps(
+        {"p50": 10, "p95": 30, "p99": 30, "max": 40, "captions": 100, "tokenizer": "t", "counts": counts}))
+    short = tiny_params.model_copy(update={"model": tiny_params.model.model_copy(update={"max_caption_tokens": 24})})
+    with pytest.raises(TrainSetupError, match=r"model.max_caption_tokens \(24\) is below .*p99 30.*max_caption_tokens=30"):
+        check_caption_lengths(short, tmp_path)
+    enough = tiny_params.model_copy(update={"model": tiny_params.model.model_copy(update={"max_caption_tokens": 32})})
+    assert check_caption_lengths(enough, tmp_path)["truncated_fraction"] == pytest.approx(0.01)
+
+
+def test_eta_message_extrapolates_the_measured_pace():
+    from fashioncap.train import eta_message
+
+    assert "about 2 d 2 h" in eta_message(60.0, 10, 3010, 250)
+    assert "about 1 min 40 s" in eta_message(1.0, 0, 100, 50)

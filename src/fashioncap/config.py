@@ -123,6 +123,7 @@ class TrainParams(_Section):
     gradient_checkpointing: bool
     freeze_vision: bool
     sample_images: NonNegInt
+    allow_cpu: bool  # fine-tune a pretrained model without a GPU (slow: the stage prints the ETA)
 
     @model_validator(mode="after")
     def _steps_fit(self) -> "TrainParams":
@@ -152,6 +153,7 @@ class GenerateParams(_Section):
 
 class EvaluateParams(_Section):
     max_items: PositiveInt | None
+    table_images: NonNegInt  # test images (thumbnails) in the MLflow predictions table
 
 
 class ReportParams(_Section):
@@ -167,6 +169,7 @@ class RegistryParams(_Section):
     max_images: Annotated[int, Field(ge=1, le=1024)]
     max_request_bytes: Annotated[int, Field(ge=1024)]
     max_pixels: Annotated[int, Field(ge=64)]
+    request_timeout: Annotated[int, Field(ge=1, le=86_400)]  # seconds the scoring server gives a request
 
 
 class Params(_Section):
@@ -180,6 +183,14 @@ class Params(_Section):
     report: ReportParams
     tracking: TrackingParams
     registry: RegistryParams
+
+    @model_validator(mode="after")
+    def _captions_fit(self) -> "Params":
+        if self.generate.max_new_tokens < self.model.max_caption_tokens:
+            raise ValueError(
+                f"generate.max_new_tokens ({self.generate.max_new_tokens}) is below model.max_caption_tokens "
+                f"({self.model.max_caption_tokens}): the model could not write the captions it is trained on")
+        return self
 
     @model_validator(mode="after")
     def _batch_fits_data(self) -> "Params":

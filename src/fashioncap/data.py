@@ -14,13 +14,14 @@ from pathlib import Path
 from PIL import Image
 
 from .config import DataParams
-from .metrics import normalize_caption
+from .captions import clean_caption as clean_text
 from .runtime import FashioncapError
 from .synthetic import catalogue
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+TOKEN_LENGTHS = "caption_tokens.json"  # beside the prepared splits: caption lengths in the model's tokens
 OFFLINE_HINT = "dvc exp run -S profile=offline"
 
 
@@ -52,10 +53,10 @@ def split_of(key: str, salt: str, val_fraction: float, test_fraction: float) -> 
 
 
 def clean_caption(caption: object) -> str:
-    """Normalises a caption; returns '' for anything that is not usable text."""
+    """The caption as training target (digits, units and punctuation kept); '' for anything that is not text."""
     if isinstance(caption, bytes):
-        caption = caption.decode("utf-8", errors="replace")
-    return normalize_caption(caption) if isinstance(caption, str) else ""
+        caption = caption.decode("utf-8", errors="replace").replace("\ufffd", "")
+    return clean_text(caption) if isinstance(caption, str) else ""
 
 
 def _synthetic_items(cfg: DataParams, seed: int) -> Iterator[RawItem]:
@@ -66,7 +67,7 @@ def _synthetic_items(cfg: DataParams, seed: int) -> Iterator[RawItem]:
 
 def _check_hub(cfg: DataParams) -> None:
     """Fails fast, with the offline command, when the Hub cannot be reached."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if hub_offline():
         return  # the user asked for the local cache
     from huggingface_hub import HfApi
 
@@ -151,6 +152,44 @@ def _imagefolder_items(cfg: DataParams) -> Iterator[RawItem]:
             yield RawItem(key, data, row.get(cfg.text_column), category, str(path.relative_to(folder)), problem)
 
 
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _cached_snapshot(cfg: DataParams) -> str | None:
+    """The dataset repository's files in the local hub cache (as `huggingface-cli download` or an
+    earlier download left them), or None."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(cfg.hub_id, repo_type="dataset", revision=cfg.revision, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure means: not in the cache
+        return None
+
+
+def load_hub_dataset(cfg: DataParams):
+    """`load_dataset(hub_id)`. Offline, `datasets` only finds a dataset in its own Arrow cache (left by an
+    earlier online `load_dataset`); a cache filled by `huggingface-cli download`, or copied onto an
+    air-gapped machine, holds the repository's files instead: those load with the same loader from the
+    local snapshot folder."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(cfg.hub_id, revision=cfg.revision, split=cfg.hub_split)
+    except (OSError, ValueError, ConnectionError) as error:  # offline without a cache, bad split, ...
+        snapshot = _cached_snapshot(cfg) if hub_offline() else None
+        if snapshot is None:
+            raise DataSourceError(f"cannot load dataset '{cfg.hub_id}' (split '{cfg.hub_split}', revision "
+                                  f"'{cfg.revision}'): {str(error).splitlines()[0][:300]}. "
+                                  f"To run without the Hub: {OFFLINE_HINT}") from None
+    log.info("dataset '%s' from the local hub cache: %s", cfg.hub_id, snapshot)
+    try:
+        return datasets.load_dataset(snapshot, split=cfg.hub_split)
+    except (OSError, ValueError) as error:
+        raise DataSourceError(f"the cached files of dataset '{cfg.hub_id}' in {snapshot} cannot be read: "
+                              f"{str(error).splitlines()[0][:300]}") from None
+
+
 def read_source(cfg: DataParams, seed: int) -> Iterator[RawItem]:
     """Yields the raw items of the configured source (at most data.max_items)."""
     if cfg.source == "synthetic":
@@ -161,15 +200,7 @@ def read_source(cfg: DataParams, seed: int) -> Iterator[RawItem]:
         items = _imagefolder_items(cfg)
     else:
         _check_hub(cfg)
-        import datasets
-
-        try:
-            dataset = datasets.load_dataset(cfg.hub_id, revision=cfg.revision, split=cfg.hub_split)
-        except (OSError, ValueError, ConnectionError) as error:  # offline without a cache, bad split, ...
-            raise DataSourceError(f"cannot load dataset '{cfg.hub_id}' (split '{cfg.hub_split}', revision "
-                                  f"'{cfg.revision}'): {str(error).splitlines()[0][:300]}. "
-                                  f"To run without the Hub: {OFFLINE_HINT}") from None
-        items = _hf_items(dataset, cfg, f"dataset '{cfg.hub_id}'")
+        items = _hf_items(load_hub_dataset(cfg), cfg, f"dataset '{cfg.hub_id}'")
     for count, item in enumerate(items):
         if cfg.max_items is not None and count >= cfg.max_items:
             return

@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+from .captions import normalize_caption
 from .config import Params, load_params
 from .metrics import caption_scores, per_item_cider_d
 from .modeling import caption_all, initial_model
@@ -34,7 +35,8 @@ def score_table(references: list[str], before: list[str], after: list[str], nove
         novel_refs = [refs[i] for i in pick]
         table["before_novel"] = caption_scores(novel_refs, [before[i] for i in pick])
         table["after_novel"] = caption_scores(novel_refs, [after[i] for i in pick])
-    table["exact_match_after"] = sum(a == r for a, r in zip(after, references)) / len(references)
+    table["exact_match_after"] = sum(normalize_caption(a) == normalize_caption(r)
+                                     for a, r in zip(after, references)) / len(references)
     return table
 
 
@@ -102,11 +104,16 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None)
     return table, predictions, images
 
 
-def prediction_table(predictions: list[dict], images: list) -> dict[str, list]:
-    """The predictions as columns for `mlflow.log_table`, with each test image: the UI's evaluation
-    view lines runs up by `key` and compares their captions image by image."""
-    columns = {name: [p[name] for p in predictions] for name in predictions[0]}
-    return {"image": images, **columns}
+TABLE_THUMBNAIL = 192  # px, the report gallery's size: enough to see the product, ~20x smaller than a full PNG
+
+
+def prediction_table(predictions: list[dict], images: list, limit: int) -> dict[str, list]:
+    """The first `limit` predictions as columns for `mlflow.log_table`, each with a thumbnail of its test
+    image: the UI's evaluation view lines runs up by `key` (the test split's order is the same in every
+    run) and compares their captions image by image. Every prediction is in predictions.jsonl."""
+    rows = predictions[:limit]
+    thumbnails = [image.convert("RGB").resize((TABLE_THUMBNAIL, TABLE_THUMBNAIL)) for image in images[:limit]]
+    return {"image": thumbnails, **{name: [p[name] for p in rows] for name in predictions[0]}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,7 +132,9 @@ def main(argv: list[str] | None = None) -> None:
         mlflow.log_metrics(mlflow_metrics(table))
         mlflow.log_artifact(str(metrics))
         mlflow.log_artifact(str(preds))
-        mlflow.log_table(prediction_table(predictions, images), artifact_file="predictions_table.json")
+        if params.evaluate.table_images:
+            mlflow.log_table(prediction_table(predictions, images, params.evaluate.table_images),
+                             artifact_file="predictions_table.json")
     b, a = table["before"], table["after"]
     log.info("test CIDEr-D %.3f -> %.3f, BLEU-4 %.3f -> %.3f (%d items, %d with a caption unseen in training)",
              b["cider_d"], a["cider_d"], b["bleu_4"], a["bleu_4"], table["test_items"], table["novel_items"])

@@ -11,22 +11,12 @@ are sparse-matrix arithmetic over the whole set (benchmarks/ measures the speed-
 from __future__ import annotations
 
 import math
-import re
-import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-_SPACED_HYPHEN = re.compile(r"(?<=\w)\s+-\s+(?=\w)")  # "t - shirt", as word-piece decoders write it
-_PUNCT = re.compile(r"[^\w\s-]|(?<!\w)-|-(?!\w)")
-_SPACE = re.compile(r"\s+")
-
-
-def normalize_caption(text: str) -> str:
-    """Lower-cases, folds unicode, drops punctuation (keeping in-word hyphens) and collapses spaces."""
-    text = _SPACED_HYPHEN.sub("-", unicodedata.normalize("NFKC", text).lower())
-    return _SPACE.sub(" ", _PUNCT.sub(" ", text)).strip()
+from .captions import normalize_caption
 
 
 @dataclass(frozen=True)
@@ -63,13 +53,19 @@ class _Corpus:
         return cls(tuple(counts), lengths)
 
 
-def _split(references: Sequence[Sequence[str]], hypotheses: Sequence[str], n: int):
-    """The corpus of hypotheses and references, the hypotheses' rows and, per reference slot j, the row
-    of each item's j-th reference (-1 where an item has fewer references)."""
+def tokenised(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> tuple[list[list[str]], list[str]]:
+    """References and hypotheses as the scorer compares them (normalize_caption), checked to pair up."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} reference lists but {len(hypotheses)} hypotheses")
     if any(len(refs) == 0 for refs in references):
         raise ValueError("every hypothesis needs at least one reference")
+    return [[normalize_caption(r) for r in refs] for refs in references], [normalize_caption(h) for h in hypotheses]
+
+
+def _split(references: Sequence[Sequence[str]], hypotheses: Sequence[str], n: int):
+    """The corpus of tokenised hypotheses and references, the hypotheses' rows and, per reference slot j,
+    the row of each item's j-th reference (-1 where an item has fewer references)."""
+    references, hypotheses = tokenised(references, hypotheses)
     sentences = list(hypotheses)
     slots = np.full((len(hypotheses), max(len(r) for r in references)), -1, dtype=np.int64)
     for i, refs in enumerate(references):
@@ -157,17 +153,17 @@ def _rouge_l(references: Sequence[Sequence[str]], hypotheses: Sequence[str], bet
 
 
 def caption_scores(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> dict[str, float]:
-    """Scores normalised hypotheses against their references: bleu_1..4, cider_d, rouge_l."""
+    """Scores hypotheses against their references: bleu_1..4, cider_d, rouge_l (on normalize_caption tokens)."""
     if not hypotheses:
         raise ValueError("nothing to score")
     result = bleu_cider_d(references, hypotheses)
-    rouge = _rouge_l(references, hypotheses)
+    rouge = _rouge_l(*tokenised(references, hypotheses))
     result["rouge_l"] = sum(rouge) / len(rouge)
     return result
 
 
 def bleu_cider_d(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> dict[str, float]:
-    """Corpus BLEU-1..4 and mean CIDEr-D of normalised hypotheses against their references."""
+    """Corpus BLEU-1..4 and mean CIDEr-D of hypotheses against their references."""
     corpus, hyp, slots = _split(references, hypotheses, 4)
     result = {f"bleu_{k + 1}": v for k, v in enumerate(_bleu(corpus, hyp, slots, 4))}
     result["cider_d"] = float(_cider_d(corpus, hyp, slots, 4, 6.0).mean())

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from .config import GenerateParams, ModelParams
-from .metrics import normalize_caption
+from .captions import display_caption
 from .runtime import FashioncapError
 
 class ModelSourceError(FashioncapError):
@@ -93,6 +93,39 @@ def initial_model(cfg: ModelParams, processor, seed: int):
     return model
 
 
+def save_model(model, processor, directory, generate: GenerateParams) -> None:
+    """save_pretrained of model (safetensors) and processor, with generation defaults that are the
+    pipeline's (BLIP stops on [SEP]; the Hub config's eos 2 and max_length 20 mean nothing here) and
+    without the loader flags of the machine that saved it."""
+    import json
+    from pathlib import Path
+
+    text = model.config.text_config
+    config = model.generation_config
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = text.bos_token_id, text.sep_token_id, text.pad_token_id
+    config.max_length = None  # max_new_tokens decides
+    for name, value in generation_kwargs(generate).items():
+        setattr(config, name, value)
+    model.save_pretrained(directory, safe_serialization=True)
+    processor.save_pretrained(directory)
+    for name in ("tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+        path = Path(directory) / name
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            cleaned = _without_loader_flags(saved)
+            if cleaned != saved:
+                path.write_text(json.dumps(cleaned, indent=2, sort_keys=True) + "\n")
+
+
+LOADER_FLAGS = ("local_files_only", "cache_dir", "force_download", "proxies", "token", "_from_auto")
+
+
+def _without_loader_flags(value):
+    if isinstance(value, dict):
+        return {k: _without_loader_flags(v) for k, v in value.items() if k not in LOADER_FLAGS}
+    return value
+
+
 def caption_labels(input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int,
                    prompt_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoder inputs and labels as the original BLIP builds them: the first token becomes the
@@ -131,12 +164,12 @@ def generation_kwargs(cfg: GenerateParams) -> dict:
 
 @torch.no_grad()
 def caption_batch(model, processor, images: Sequence[Image.Image], cfg: GenerateParams) -> list[str]:
-    """Captions a batch of images in one generate() call; returns normalised captions."""
+    """Captions a batch of images in one generate() call; returns them tidy for people (display_caption)."""
     device = next(model.parameters()).device
     pixels = processor.image_processor(list(images), return_tensors="pt")["pixel_values"].to(device)
     pixels = pixels.to(next(model.parameters()).dtype)
     out = model.generate(pixel_values=pixels, **generation_kwargs(cfg))
-    return [normalize_caption(t) for t in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
+    return [display_caption(t) for t in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 def caption_all(model, processor, images: Sequence[Image.Image], cfg: GenerateParams, desc: str = "caption",

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from PIL import Image
 
-from .config import DataParams, Params, load_params
-from .data import SPLITS, DataSourceError, RawItem, clean_caption, read_source, split_of
+from .config import DataParams, ModelParams, Params, load_params
+from .data import SPLITS, TOKEN_LENGTHS, DataSourceError, RawItem, clean_caption, read_source, split_of
 from .imaging import ImageInputError, decode_image, encode_image, to_model_image
 from .runtime import progress, run_stage, stage_args
+from . import disk
 
 log = logging.getLogger(__name__)
 REJECTED_REPORT = "rejected.jsonl"  # one line per left-out item: key, source, reason, kind
@@ -137,10 +138,35 @@ def summarise(rows: dict[str, list[dict]], rejected: list[dict]) -> dict:
     }
 
 
-def save(rows: dict[str, list[dict]], rejected: list[dict], out: Path) -> None:
-    """Writes the splits as a DatasetDict with embedded image bytes, and the rejection report beside them."""
+def percentile(sorted_values: list[int], q: float) -> int:
+    """The nearest-rank percentile of sorted values (a length that q% of captions do not exceed)."""
+    import math
+
+    return sorted_values[max(0, math.ceil(q / 100 * len(sorted_values)) - 1)]
+
+
+def token_lengths(model: ModelParams, rows: dict[str, list[dict]]) -> dict:
+    """Caption lengths in the model's tokens, [CLS]/bos and [SEP] included, as training sees them:
+    p50/p95/p99/max over every kept caption, and how many captions have each length."""
+    from .modeling import build_processor
+
+    tokenizer = build_processor(model, [r["caption"] for r in rows["train"]]).tokenizer
+    captions = [r["caption"] for split in SPLITS for r in rows[split]]
+    lengths = sorted(len(ids) for ids in tokenizer(captions, add_special_tokens=True)["input_ids"])
+    counts = Counter(lengths)
+    return {"p50": percentile(lengths, 50), "p95": percentile(lengths, 95), "p99": percentile(lengths, 99),
+            "max": lengths[-1], "captions": len(lengths), "tokenizer": model.init,
+            "counts": {str(k): counts[k] for k in sorted(counts)}}
+
+
+def save(rows: dict[str, list[dict]], rejected: list[dict], out: Path, lengths: dict) -> None:
+    """Writes the splits as a DatasetDict with embedded image bytes, the rejection report and the caption
+    token lengths beside them."""
     import datasets
 
+    stored = sum(len(r["image"]["bytes"]) + len(r["caption"]) for split in rows.values() for r in split)
+    # Arrow adds little to the image bytes; the old output is removed only after this check
+    disk.require(out.parent, int(stored * 1.1), f"the prepared dataset ({sum(map(len, rows.values()))} items)")
     features = datasets.Features({
         "key": datasets.Value("string"),
         "image": datasets.Image(),
@@ -154,6 +180,7 @@ def save(rows: dict[str, list[dict]], rejected: list[dict], out: Path) -> None:
         shutil.rmtree(out)
     dd.save_to_disk(str(out))
     (out / REJECTED_REPORT).write_text("".join(json.dumps(r) + "\n" for r in rejected))
+    (out / TOKEN_LENGTHS).write_text(json.dumps(lengths, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,13 +192,17 @@ def main(argv: list[str] | None = None) -> None:
     if empty:
         raise DataSourceError(f"split(s) {empty} are empty: the source holds too few items for the split "
                               "fractions (data.val_fraction, data.test_fraction)")
-    save(rows, rejected, args.out)
+    lengths = token_lengths(params.model, rows)
+    save(rows, rejected, args.out, lengths)
     summary = summarise(rows, rejected)
+    summary["caption_tokens"] = {k: v for k, v in lengths.items() if k != "counts"}
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(summary, indent=2) + "\n")
     log.info("prepared %d items (%s), rejected %d %s; %.1f%% of test captions also in train", summary["items"],
              ", ".join(f"{s}={summary[f'{s}_items']}" for s in SPLITS), len(rejected),
              summary["rejected_by_reason"], 100 * summary["test_caption_overlap"])
+    log.info("caption length in %s tokens: p50 %d, p95 %d, p99 %d, max %d", params.model.init, lengths["p50"],
+             lengths["p95"], lengths["p99"], lengths["max"])
 
 
 if __name__ == "__main__":

@@ -12,14 +12,68 @@ from pathlib import Path
 import torch
 
 from .config import Params, TrainParams, load_params
-from .data import DataSourceError
+from .data import TOKEN_LENGTHS, DataSourceError
 from .metrics import caption_scores
-from .modeling import Collator, apply_memory_options, build_processor, caption_all, initial_model
+from .modeling import Collator, apply_memory_options, build_processor, caption_all, initial_model, save_model
+from .runtime import FashioncapError
 from .report import caption_panel
 from .runtime import progress, run_stage, stage_args
-from . import checkpoint, lineage, tracking
+from . import checkpoint, disk, lineage, tracking
 
 log = logging.getLogger(__name__)
+ETA_STEPS = 3  # optimizer steps timed (after the first, which warms up) before the ETA is announced
+
+
+class TrainSetupError(FashioncapError):
+    """Training must not start as configured; the message says what to change."""
+
+
+def check_device(params: Params, has_gpu: bool) -> None:
+    """Refuses to fine-tune a pretrained checkpoint without a GPU unless train.allow_cpu says so: the
+    default recipe needs days on a CPU. Training from scratch (the offline profile) is unaffected."""
+    if has_gpu or params.model.from_scratch or params.train.allow_cpu:
+        return
+    cfg = params.train
+    raise TrainSetupError(
+        f"no GPU found: fine-tuning '{params.model.init}' for {cfg.max_steps} steps of {cfg.batch_size} x "
+        f"{cfg.grad_accum_steps} samples would take days on this CPU (about 6 s per sample for BLIP-base). "
+        "Run the offline profile instead (dvc exp run -S profile=offline), run on a machine with a GPU, or go "
+        "ahead anyway with -S train.allow_cpu=true: the stage then measures its first steps and prints the ETA")
+
+
+def check_caption_lengths(params: Params, data_dir: Path) -> dict:
+    """Refuses a model.max_caption_tokens below the 99th percentile of the prepared captions' lengths
+    (the model would never learn to finish those captions); returns the length summary with the share
+    of captions that will be cut."""
+    path = data_dir / TOKEN_LENGTHS
+    if not path.is_file():
+        log.warning("no %s in %s: caption lengths unchecked (prepared by an older version)", TOKEN_LENGTHS, data_dir)
+        return {}
+    lengths = json.loads(path.read_text())
+    limit = params.model.max_caption_tokens
+    if limit < lengths["p99"]:
+        raise TrainSetupError(
+            f"model.max_caption_tokens ({limit}) is below the 99th percentile of the captions' lengths: p50 "
+            f"{lengths['p50']}, p95 {lengths['p95']}, p99 {lengths['p99']}, max {lengths['max']} tokens of "
+            f"'{lengths['tokenizer']}' (metrics/prepare.json). Set -S model.max_caption_tokens={lengths['p99']} "
+            f"or more, and generate.max_new_tokens at least as high")
+    cut = sum(n for length, n in lengths["counts"].items() if int(length) > limit)
+    return {**{k: v for k, v in lengths.items() if k != "counts"}, "limit": limit,
+            "truncated_fraction": cut / lengths["captions"]}
+
+
+def eta_message(seconds_per_step: float, done: int, total: int, eval_every: int) -> str:
+    """How long the remaining steps take at the measured pace (validation runs come on top)."""
+    remaining = seconds_per_step * (total - done)
+    return (f"{seconds_per_step:.2f} s per optimizer step: the remaining {total - done} steps take about "
+            f"{_duration(remaining)} (plus validation every {eval_every} steps)")
+
+
+def _duration(seconds: float) -> str:
+    hours, rest = divmod(int(seconds), 3600)
+    days, hours = divmod(hours, 24)
+    return (f"{days} d {hours} h" if days else f"{hours} h {rest // 60} min" if hours else
+            f"{rest // 60} min {rest % 60} s")
 
 
 @dataclass
@@ -115,11 +169,10 @@ def validate(model, processor, rows, collate, params: Params, accelerator) -> tu
     return values, ordered
 
 
-def save_best(model, processor, best_dir: Path) -> None:
+def save_best(model, processor, best_dir: Path, params: Params) -> None:
     """Writes model + processor beside best_dir, then swaps it in, so a kill never leaves half a model."""
     staging = checkpoint.staging_for(best_dir)
-    model.save_pretrained(staging, safe_serialization=True)
-    processor.save_pretrained(staging)
+    save_model(model, processor, staging, params.generate)
     checkpoint.swap_in(staging, best_dir)
 
 
@@ -139,7 +192,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def loss_curve(train_log: list[dict], val_log: list[dict], path: Path) -> None:
+def loss_curve(train_log: list[dict], val_log: list[dict], path: Path, label_smoothing: float = 0.0) -> None:
     """Draws the training loss and validation loss against steps."""
     import matplotlib
 
@@ -150,7 +203,7 @@ def loss_curve(train_log: list[dict], val_log: list[dict], path: Path) -> None:
     ax.plot([r["step"] for r in train_log], [r["loss"] for r in train_log], label="train loss", lw=0.8)
     ax.plot([r["step"] for r in val_log], [r["val_loss"] for r in val_log], "o-", label="validation loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("cross-entropy")
+    ax.set_ylabel(f"loss (cross-entropy, label smoothing {label_smoothing:g})" if label_smoothing else "cross-entropy")
     ax.set_yscale("log")
     ax.legend()
     ax.grid(alpha=0.3)
@@ -167,6 +220,8 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
 
     cfg = params.train
+    check_device(params, torch.cuda.is_available())  # seconds after start, before anything heavy loads
+    lengths = check_caption_lengths(params, data_dir)
     dataset = datasets.load_from_disk(str(data_dir))
     processor = build_processor(params.model, dataset["train"]["caption"])
     model = apply_memory_options(initial_model(params.model, processor, params.seed), cfg.freeze_vision,
@@ -202,6 +257,13 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     # the scheduler stays unwrapped: it counts optimizer steps, whatever the number of processes
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     n_params = sum(p.numel() for p in model.parameters())
+    if accelerator.is_main_process:
+        disk.require(out.checkpoint_dir.parent, disk.training_bytes(
+            n_params, sum(p.numel() for p in model.parameters() if p.requires_grad), cfg.checkpoint_every < cfg.max_steps),
+            f"training {n_params / 1e6:.0f}M parameters (best model and full-state checkpoints)")
+    if lengths:
+        log.info("captions up to %d tokens (p99 %d, max %d): %.2f%% of them are cut", lengths["limit"],
+                 lengths["p99"], lengths["max"], 100 * lengths["truncated_fraction"])
     log.info("training %.2fM parameters on %s x %d (%s), %d train items, batch %d x %d accumulation",
              n_params / 1e6, accelerator.device, accelerator.num_processes, accelerator.mixed_precision,
              len(dataset["train"]), cfg.batch_size, cfg.grad_accum_steps)
@@ -234,8 +296,12 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
             run = tracking.start_run(params, {"device": accelerator.device.type,
                                               "mixed_precision": accelerator.mixed_precision})
             mlflow.set_tag("data.digest", tracking.log_dataset(data_dir, context="train"))
+            if lengths:
+                mlflow.log_metrics({"caption_tokens_p99": lengths["p99"],
+                                    "caption_truncated_fraction": lengths["truncated_fraction"]})
         tracking.write_run_ref(out.run_ref, run.info.run_id, params.tracking.experiment)
-    stop_reason, started = f"reached train.max_steps ({cfg.max_steps})", time.perf_counter()
+    stop_reason, started, first_step = f"reached train.max_steps ({cfg.max_steps})", time.perf_counter(), step
+    timer: dict[int, float] = {}
     epoch, offset = divmod(consumed, batches_per_epoch)
     sampler.start = offset * cfg.batch_size
     batches = forever(loader, sampler, epoch)
@@ -257,6 +323,15 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
             continue
         step += 1
         bar.update()
+        timer[step] = time.perf_counter()
+        if step == first_step + 1 + ETA_STEPS and accelerator.is_main_process:
+            # the first step warms up (allocations, kernel selection): the pace is timed after it
+            pace = (timer[step] - timer[first_step + 1]) / ETA_STEPS
+            message = eta_message(pace, step, cfg.max_steps, cfg.eval_every)
+            log.info("ETA: %s", message)
+            if run is not None:
+                mlflow.log_metric("seconds_per_step", pace, step=step)
+                mlflow.set_tag("eta", message)
         pending.append((step, loss.detach(), scheduler.get_last_lr()[0]))  # the lr this step used
         scheduler.step()
         if step % cfg.log_every == 0 or step == cfg.max_steps or step % cfg.checkpoint_every == 0:
@@ -280,7 +355,7 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
                      " (best so far)" if improved else "")
             accelerator.wait_for_everyone()
             if improved and accelerator.is_main_process:
-                save_best(accelerator.unwrap_model(model), processor, best_dir)
+                save_best(accelerator.unwrap_model(model), processor, best_dir, params)
             if tracker.exhausted:
                 stop_reason = f"early stopping: {cfg.metric} did not improve for {cfg.patience} evaluations"
                 break
@@ -298,13 +373,15 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     summary = {
         "steps": step, "best_step": tracker.best_step, "best_metric": cfg.metric, "best_value": tracker.best,
         "stop_reason": stop_reason, "train_seconds": round(seconds, 1),
-        "samples_per_second": round(step * cfg.batch_size * cfg.grad_accum_steps / seconds, 2),
+        # the steps of this process only: after a resume, the earlier ones ran before `started`
+        "samples_per_second": round((step - first_step) * cfg.batch_size * cfg.grad_accum_steps / seconds, 2),
         "parameters": n_params, "processes": accelerator.num_processes,
+        **({"caption_truncated_fraction": round(lengths["truncated_fraction"], 5)} if lengths else {}),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint.swap_in(best_dir, out.model_dir)  # a rename: the output appears whole or not at all
-        _finish(summary, train_log, tracker.history, out)
+        _finish(summary, train_log, tracker.history, out, params.model.label_smoothing)
         checkpoint.discard(out.checkpoint_dir)  # finished: the next run starts afresh
     accelerator.end_training()
     return summary
@@ -319,7 +396,7 @@ def log_samples(rows: list[dict], captions: list[str], step: int) -> None:
         mlflow.log_image(panel, key="val_captions", step=step, synchronous=False)
 
 
-def _finish(summary: dict, train_log: list[dict], val_log: list[dict], out: Outputs) -> None:
+def _finish(summary: dict, train_log: list[dict], val_log: list[dict], out: Outputs, label_smoothing: float) -> None:
     """Writes metrics and plots and closes the MLflow run's training part."""
     import mlflow
 
@@ -328,7 +405,7 @@ def _finish(summary: dict, train_log: list[dict], val_log: list[dict], out: Outp
     write_csv(out.train_log, train_log)
     write_csv(out.val_log, val_log)
     curve = out.metrics.parent / "loss_curve.png"
-    loss_curve(train_log, val_log, curve)
+    loss_curve(train_log, val_log, curve, label_smoothing)
     mlflow.log_metrics({"best_step": summary["best_step"], "train_samples_per_second": summary["samples_per_second"],
                         "train_seconds": summary["train_seconds"]})
     mlflow.set_tag("stop_reason", summary["stop_reason"])
