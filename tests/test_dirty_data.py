@@ -94,7 +94,7 @@ def test_dirty_catalogue_prepares_with_a_rejection_report(tmp_path, write_params
     images = [row["image"] for split in kept.values() for row in split]
     assert len(images) == 8 and {im.mode for im in images} == {"RGB"}
     captions = {row["caption"] for split in kept.values() for row in split}
-    assert "café crème dress" in captions  # a legacy-encoded metadata file is read, not rejected
+    assert "Café crème dress" in captions  # a legacy-encoded metadata file is read, not rejected
     assert {im.size for im in images} == {(tiny_raw["model"]["image_size"],) * 2}
     assert "Traceback" not in proc.stderr
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fashioncap.reproduce import ReproduceError, compare, resolve
+from fashioncap.reproduce import Progress, ReproduceError, Target, compare, report, resolve, weights_verdict
 from tests.conftest import BIN, TINY_OVERRIDES, clone_project, compose, set_args, sh
 
 pytestmark = pytest.mark.slow
@@ -76,8 +76,9 @@ def test_reproduce_a_committed_run_by_its_mlflow_run_id(history):
     before = workspace_state(repo)
     proc = reproduce(repo, first_run)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "verdict: REPRODUCED (identical)" in proc.stdout
+    assert "verdict: REPRODUCED (identical metrics, identical model weights)" in proc.stdout
     assert "test_after_cider_d" in proc.stdout and " NO" not in proc.stdout
+    assert "reproduce: stage 'train' started" in proc.stderr and "step 12/12 (100%)" in proc.stderr
     assert workspace_state(repo) == before
     assert "fashioncap-reproduce" not in git(repo, "worktree", "list")
 
@@ -87,7 +88,8 @@ def test_reproduce_an_experiment_by_its_name(history):
     before = workspace_state(repo)
     proc = reproduce(repo, "faster")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "DVC experiment 'faster'" in proc.stdout and "verdict: REPRODUCED (identical)" in proc.stdout
+    assert "DVC experiment 'faster'" in proc.stdout and "verdict: REPRODUCED (identical metrics" in proc.stdout
+    assert "model digest: identical" in proc.stdout
     assert workspace_state(repo) == before
 
 
@@ -127,6 +129,28 @@ def test_compare_is_exact_on_cpu_and_relative_on_gpu():
     assert not same and rows[1][3] is False
     _, same = compare({"a": 1.0}, {"a": 1.01}, tolerance=0.02)
     assert same
+
+
+def test_verdict_says_whether_metrics_and_weights_matched():
+    rows, same = compare({"a": 1.0}, {"a": 1.0}, tolerance=0.0)
+    cpu = Target("r", "run x", {"a": 1.0}, 0.0, "d1")
+    text = report(cpu, rows, same, weights_verdict("d1", "d2", 0.0))
+    assert "model digest: DIFFERS" in text and "NOT REPRODUCED (identical metrics, but the model weights differ)" in text
+    assert weights_verdict("d1", "d2", 0.02)[1] and "as expected of a GPU run" in weights_verdict("d1", "d2", 0.02)[0]
+    assert weights_verdict(None, "d2", 0.0) == ("model digest: not recorded for the original, not compared", True)
+    rows, same = compare({"a": 1.0}, {"a": 2.0}, tolerance=0.0)
+    assert "1 of 1 metrics differ; model weights identical" in report(cpu, rows, same, weights_verdict("d1", "d1", 0.0))
+
+
+def test_progress_reports_stages_and_training_steps_with_an_eta():
+    watch = Progress()
+    assert watch.update("Running stage 'train':", 0.0) == "stage 'train' started"
+    assert watch.update("12:00:01 INFO fashioncap.train: step 10/100 loss 2.1 lr 1e-5", 0.0) == \
+        "stage 'train': step 10/100 (10%)"
+    assert watch.update("12:00:02 INFO fashioncap.train: step 20/100 loss 2.0 lr 1e-5", 5.0) is None  # too soon
+    assert watch.update("INFO fashioncap.train: step 30/100 loss 1.9 lr 1e-5", 20.0) == \
+        "stage 'train': step 30/100 (30%), ETA 0:01:10"
+    assert watch.update("some other line", 30.0) is None
 
 
 def test_data_and_models_pushed_by_one_clone_are_pulled_by_another(history, tmp_path):

@@ -138,3 +138,11 @@ def test_load_of_mixed_valid_and_invalid_requests(server):
     assert all(s == 200 for k, s, _ in results if k == "ok")
     assert all(400 <= s < 500 for k, s, _ in results if k == "bad")
     assert rss_growth < 150 * 2**20, f"server memory grew by {rss_growth / 2**20:.0f} MiB"
+
+
+def test_request_image_limit_fits_the_timeout_on_the_serving_device():
+    from fashioncap.serving import fitting_images
+
+    assert fitting_images(timeout_s=300, seconds_per_image=45.0, configured=16) == 5  # BLIP-base on a CPU
+    assert fitting_images(timeout_s=300, seconds_per_image=0.2, configured=16) == 16  # a GPU: the param rules
+    assert fitting_images(timeout_s=60, seconds_per_image=90.0, configured=16) == 1  # never below one image

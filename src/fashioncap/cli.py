@@ -58,6 +58,29 @@ def cmd_reproduce(args) -> int:
     return 0 if same else 1
 
 
+def cmd_rehearse(args) -> int:
+    from .rehearsal import rehearse, table
+
+    root = project_root()
+    hf_home = Path(args.hf_home).resolve() if args.hf_home else Path.home() / ".cache" / "fashioncap" / f"hf-standins-{args.size}"
+    if args.build_only:
+        from .rehearsal import SIZES
+        from .standins import build
+
+        shape = SIZES[args.size]
+        print(json.dumps(build(hf_home, shape["shrunk"], shape["items"], shape["shards"], shape["image_size"]), indent=2))
+        print(f"run the default profile on them with: HF_HOME={hf_home} HF_HUB_OFFLINE=1 dvc exp run -S profile=default "
+              "-S train.allow_cpu=true ...", file=sys.stderr)
+        return 0
+    result = rehearse(root, args.size, hf_home, args.serve, args.port, args.set or [])
+    out = root / "reports" / f"rehearsal-{args.size}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    print(f"all figures: {out}")
+    return 0 if result.get("serving", {}).get("status", 200) == 200 else 1
+
+
 def _check_alias(uri: str) -> None:
     """Fails clearly when a models:/name@alias URI names an alias that is not set."""
     if uri.startswith("models:/") and "@" in uri:
@@ -67,11 +90,24 @@ def _check_alias(uri: str) -> None:
                                          + (": promote one with `fashioncap promote`" if alias == "champion" else ""))
 
 
+def request_timeout(given: int | None) -> int:
+    """--timeout if given, else registry.request_timeout of the project's params.yaml, else MLflow's 60 s."""
+    if given:
+        return given
+    from .config import ConfigError, load_params
+
+    try:
+        return load_params(project_root() / "params.yaml").registry.request_timeout
+    except ConfigError:
+        return 60
+
+
 def cmd_serve(args) -> int:
     _check_alias(args.model)
     mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
+    # the served model measures its pace at start-up and lowers its image limit to fit this timeout
     command = [mlflow_bin, "models", "serve", "-m", args.model, "--env-manager", "local",
-               "-h", args.host, "-p", str(args.port)]
+               "-h", args.host, "-p", str(args.port), "--timeout", str(request_timeout(args.timeout))]
     print(" ".join(command), file=sys.stderr)
     os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
     os.execv(mlflow_bin, command)  # MLflow's own scoring server, not a re-implementation
@@ -119,9 +155,10 @@ def cmd_caption(args) -> int:
         _check_alias(args.model)
         mlflow.set_tracking_uri(tracking.tracking_uri())
         model = mlflow.pyfunc.load_model(args.model)
-        starts = range(0, len(good), args.batch_size)
+        size = min(args.batch_size, getattr(model.unwrap_python_model(), "max_images", args.batch_size))
+        starts = range(0, len(good), size)
         for start in progress(starts, desc="caption", unit="batch"):
-            batch = good[start : start + args.batch_size]
+            batch = good[start : start + size]
             out = model.predict(pd.DataFrame({"image": [b for _, b in batch]}))
             captions.update(zip((f for f, _ in batch), out))
     for f in files:
@@ -147,11 +184,23 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--model", help="model URI (default: models:/<name>@champion)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=5001)
+    serve.add_argument("--timeout", type=int, help="seconds a request may take (default: registry.request_timeout "
+                       "of params.yaml); the model fits its per-request image limit to it")
     serve.set_defaults(func=cmd_serve)
     reproduce = sub.add_parser("reproduce", help="re-run what produced a run, model version, experiment or commit")
     reproduce.add_argument("ref", help="MLflow run id, models:/name@alias or models:/name/N, DVC experiment, git rev")
     reproduce.add_argument("--keep", action="store_true", help="keep the worktree of the re-run")
     reproduce.set_defaults(func=cmd_reproduce)
+    rehearse = sub.add_parser("rehearse", help="run the real job on local stand-ins of its Hub model and dataset")
+    rehearse.add_argument("--size", choices=["full", "shrunk"], default="full",
+                          help="BLIP-base size with 400 catalogue photos, or a shrunk copy for a quick check")
+    rehearse.add_argument("--hf-home", help="where the stand-ins' Hugging Face cache goes "
+                          "(default: ~/.cache/fashioncap/hf-standins-<size>; never your own cache)")
+    rehearse.add_argument("--build-only", action="store_true", help="build the stand-ins, run nothing")
+    rehearse.add_argument("--serve", action="store_true", help="then promote, serve and send one maximum-size request")
+    rehearse.add_argument("--port", type=int, default=5011)
+    rehearse.add_argument("--set", action="append", metavar="KEY=VALUE", help="another `dvc exp run -S` override")
+    rehearse.set_defaults(func=cmd_rehearse)
     caption = sub.add_parser("caption", help="caption image files or folders with a registry model")
     caption.add_argument("paths", nargs="+")
     caption.add_argument("--model", help="model URI (default: models:/<name>@champion)")

@@ -29,7 +29,8 @@ def serving_config(params: Params) -> dict:
     generate = params.generate.model_dump()
     generate["batch_size"] = max(generate["batch_size"], params.registry.max_images)  # one request, one batch
     return {"generate": generate, "image_size": params.model.image_size, "max_images": params.registry.max_images,
-            "max_pixels": params.registry.max_pixels, "max_request_bytes": params.registry.max_request_bytes}
+            "max_pixels": params.registry.max_pixels, "max_request_bytes": params.registry.max_request_bytes,
+            "request_timeout": params.registry.request_timeout}
 
 
 def signature(params: Params):

@@ -15,15 +15,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import lineage
 from .runtime import FashioncapError
 
 log = logging.getLogger(__name__)
 
 # bf16 autocast and non-deterministic GPU kernels move metrics slightly between runs.
 GPU_RELATIVE_TOLERANCE = 0.02
+MODEL_OUT = "models/best"  # the output whose DVC digest identifies the trained weights
+STAGE_LINE = re.compile(r"Running stage '([\w-]+)'")
+STEP_LINE = re.compile(r"\bstep (\d+)/(\d+) loss")
+REPORT_EVERY_S = 10.0
 
 
 class ReproduceError(FashioncapError):
@@ -38,6 +45,7 @@ class Target:
     what: str
     original: dict[str, float]
     tolerance: float
+    model_digest: str | None = None  # DVC's md5 of models/best when the result was made
 
 
 def git(args: list[str], cwd: Path, check: bool = True) -> str | None:
@@ -57,6 +65,16 @@ def exp_revision(repo: Path, name: str) -> str | None:
         if refname.rsplit("/", 1)[-1] == name:
             return sha
     return None
+
+
+def model_digest_at(repo: Path, revision: str) -> str | None:
+    """The md5 that dvc.lock recorded for the trained model at a revision."""
+    text = git(["show", f"{revision}:dvc.lock"], repo, check=False)
+    if not text:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "dvc.lock").write_text(text)
+        return lineage.lock_digests(Path(tmp) / "dvc.lock").get(MODEL_OUT)
 
 
 def metrics_at(repo: Path, revision: str) -> dict[str, float]:
@@ -79,8 +97,9 @@ def _from_run(client, run_id: str, repo: Path, what: str) -> Target:
     tolerance = GPU_RELATIVE_TOLERANCE if tags.get("device", "cpu") != "cpu" else 0.0
     exp = tags.get("dvc.exp_name")
     revision = exp_revision(repo, exp) if exp else None
+    digest = tags.get("model.digest")
     if revision:
-        return Target(revision, f"{what} (DVC experiment '{exp}')", original, tolerance)
+        return Target(revision, f"{what} (DVC experiment '{exp}')", original, tolerance, digest)
     if tags.get("git.dirty") == "true":
         raise ReproduceError(f"run {run_id} was made from a tree with uncommitted changes "
                              f"({tags.get('git.dirty_paths', 'unknown paths')}): its code and params are not in git")
@@ -88,7 +107,7 @@ def _from_run(client, run_id: str, repo: Path, what: str) -> Target:
     if not commit or git(["cat-file", "-e", f"{commit}^{{commit}}"], repo, check=False) is None:
         raise ReproduceError(f"commit {commit or '(none recorded)'} of run {run_id} is not in this repository; "
                              "fetch it first")
-    return Target(commit, f"{what} (commit {commit[:10]})", original, tolerance)
+    return Target(commit, f"{what} (commit {commit[:10]})", original, tolerance, digest)
 
 
 def resolve(ref: str, repo: Path, client) -> Target:
@@ -110,19 +129,70 @@ def resolve(ref: str, repo: Path, client) -> Target:
         return _from_run(client, ref, repo, f"MLflow run {ref}")
     revision = exp_revision(repo, ref)
     if revision:
-        return Target(revision, f"DVC experiment '{ref}' ({revision[:10]})", metrics_at(repo, revision), 0.0)
+        return Target(revision, f"DVC experiment '{ref}' ({revision[:10]})", metrics_at(repo, revision), 0.0,
+                      model_digest_at(repo, revision))
     commit = git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], repo, check=False)
     if commit:
-        return Target(commit, f"git revision {ref} ({commit[:10]})", metrics_at(repo, commit), 0.0)
+        return Target(commit, f"git revision {ref} ({commit[:10]})", metrics_at(repo, commit), 0.0,
+                      model_digest_at(repo, commit))
     raise ReproduceError(f"'{ref}' is neither an MLflow run id, a models:/ URI, a DVC experiment nor a git revision")
 
 
+def _dvc_bin() -> str:
+    return shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
+
+
 def _dvc(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    dvc = shutil.which("dvc") or str(Path(sys.executable).with_name("dvc"))
-    return subprocess.run([dvc, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    return subprocess.run([_dvc_bin(), *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
-def rerun(repo: Path, revision: str, keep: bool) -> tuple[dict[str, float], Path]:
+@dataclass
+class Progress:
+    """Turns the re-run's output into progress lines: each stage as it starts, and the training step
+    with an ETA from the pace so far (at most every REPORT_EVERY_S seconds)."""
+
+    stage: str | None = None
+    first: tuple[int, float] | None = None
+    reported: float = float("-inf")
+
+    def update(self, line: str, now: float) -> str | None:
+        if m := STAGE_LINE.search(line):
+            self.stage, self.first = m.group(1), None
+            return f"stage '{self.stage}' started"
+        m = STEP_LINE.search(line)
+        if not m:
+            return None
+        step, total = int(m.group(1)), int(m.group(2))
+        if self.first is None:
+            self.first = (step, now)
+        if now - self.reported < REPORT_EVERY_S and step < total:
+            return None
+        self.reported = now
+        done, since = step - self.first[0], now - self.first[1]
+        eta = f", ETA {_clock((total - step) * since / done)}" if done > 0 else ""
+        return f"stage '{self.stage or 'train'}': step {step}/{total} ({100 * step / total:.0f}%){eta}"
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def _dvc_with_progress(args: list[str], cwd: Path, env: dict) -> tuple[int, str]:
+    """Runs a long dvc command, logging its progress; returns the exit code and the end of its output."""
+    proc = subprocess.Popen([_dvc_bin(), *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail: deque[str] = deque(maxlen=100)
+    watcher = Progress()
+    for line in proc.stdout:
+        tail.append(line)
+        if message := watcher.update(line, time.monotonic()):
+            log.info("reproduce: %s", message)
+    return proc.wait(), "".join(tail)
+
+
+def rerun(repo: Path, revision: str, keep: bool) -> tuple[dict[str, float], str | None, Path]:
     """Checks the revision out in a temporary worktree, fetches or rebuilds the data, re-trains, re-evaluates."""
     from .evaluate import mlflow_metrics
 
@@ -142,10 +212,11 @@ def rerun(repo: Path, revision: str, keep: bool) -> tuple[dict[str, float], Path
             if built.returncode != 0:
                 raise ReproduceError("the prepared data is missing from the DVC remote and rebuilding it failed:\n"
                                      + (built.stderr or built.stdout).strip()[-1500:])
-        done = _dvc(["repro", "--force", "--single-item", "train", "evaluate"], worktree, env)
-        if done.returncode != 0:
-            raise ReproduceError("re-running the pipeline failed:\n" + (done.stderr or done.stdout).strip()[-2000:])
-        return mlflow_metrics(json.loads((worktree / "metrics" / "eval.json").read_text())), worktree
+        code, output = _dvc_with_progress(["repro", "--force", "--single-item", "train", "evaluate"], worktree, env)
+        if code != 0:
+            raise ReproduceError("re-running the pipeline failed:\n" + output.strip()[-2000:])
+        metrics = mlflow_metrics(json.loads((worktree / "metrics" / "eval.json").read_text()))
+        return metrics, lineage.lock_digests(worktree / "dvc.lock").get(MODEL_OUT), worktree
     finally:
         if not keep:
             git(["worktree", "remove", "--force", str(worktree)], repo, check=False)
@@ -161,26 +232,45 @@ def compare(original: dict[str, float], reproduced: dict[str, float], tolerance:
     return rows, bool(rows) and all(ok for *_, ok in rows)
 
 
-def report(target: Target, rows: list[tuple], same: bool) -> str:
-    """The side-by-side table and the verdict."""
+def weights_verdict(original: str | None, reproduced: str | None, tolerance: float) -> tuple[str, bool]:
+    """What the model digests say, and whether they allow the verdict REPRODUCED: on the CPU the weights
+    must be bit-identical; on a GPU they differ in the last bits and the metrics' tolerance decides."""
+    if not original or not reproduced:
+        return "model digest: not recorded for the original, not compared", True
+    if original == reproduced:
+        return f"model digest: identical ({original})", True
+    if tolerance:
+        return f"model digest: differs ({original} -> {reproduced}), as expected of a GPU run", True
+    return f"model digest: DIFFERS ({original} -> {reproduced}): the weights are not the same", False
+
+
+def report(target: Target, rows: list[tuple], same: bool, weights: tuple[str, bool]) -> str:
+    """The side-by-side table, the model digests and the verdict (which part matched)."""
     lines = [f"reproducing {target.what}", f"{'metric':<34}{'original':>14}{'reproduced':>14}  same"]
     lines += [f"{n:<34}{a:>14.6f}{b:>14.6f}  {'yes' if ok else 'NO'}" for n, a, b, ok in rows]
+    lines.append(weights[0])
+    identical_weights = weights[0].startswith("model digest: identical")
     if not rows:
         lines.append("verdict: no original metrics to compare with")
+    elif same and weights[1]:
+        rule = "identical metrics" if target.tolerance == 0 else f"metrics within {target.tolerance:.0%} (GPU run)"
+        lines.append(f"verdict: REPRODUCED ({rule}{', identical model weights' if identical_weights else ''})")
     elif same:
-        rule = "identical" if target.tolerance == 0 else f"within {target.tolerance:.0%} (GPU run)"
-        lines.append(f"verdict: REPRODUCED ({rule})")
+        lines.append("verdict: NOT REPRODUCED (identical metrics, but the model weights differ)")
     else:
-        lines.append(f"verdict: NOT REPRODUCED ({sum(not r[3] for r in rows)} of {len(rows)} metrics differ)")
+        lines.append(f"verdict: NOT REPRODUCED ({sum(not r[3] for r in rows)} of {len(rows)} metrics differ"
+                     f"{'; model weights identical' if identical_weights else ''})")
     return "\n".join(lines)
 
 
 def reproduce(ref: str, repo: Path, client, keep: bool = False) -> tuple[str, bool]:
     """Resolves, re-runs and compares; returns the report and whether the result was reproduced."""
     target = resolve(ref, repo, client)
-    reproduced, worktree = rerun(repo, target.revision, keep)
+    reproduced, digest, worktree = rerun(repo, target.revision, keep)
     rows, same = compare(target.original, reproduced, target.tolerance)
-    text = report(target, rows, same)
+    weights = weights_verdict(target.model_digest, digest, target.tolerance)
+    text = report(target, rows, same, weights)
+    same = same and weights[1]
     if keep:
         text += f"\nthe re-run is kept in {worktree}"
     return text, same

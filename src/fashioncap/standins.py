@@ -203,11 +203,12 @@ def write_model(folder: Path, shrunk: bool, seed: int) -> None:
     (folder / "vocab.txt").write_text("\n".join(standin_vocab()) + "\n")
 
 
-def dataset_card(shards: int, items: int) -> str:
+def dataset_card(items: int, size: int) -> str:
     """The dataset card's YAML header, which tells `datasets` the features and where the shards are."""
     return (
         "---\ndataset_info:\n  features:\n  - name: image\n    dtype: image\n  - name: text\n    dtype: string\n"
-        f"  splits:\n  - name: train\n    num_examples: {items}\nconfigs:\n- config_name: default\n  data_files:\n"
+        f"  splits:\n  - name: train\n    num_bytes: {size}\n    num_examples: {items}\n"
+        f"  download_size: {size}\n  dataset_size: {size}\nconfigs:\n- config_name: default\n  data_files:\n"
         "  - split: train\n    path: data/train-*\n---\n# H&M fashion captions (local stand-in)\n"
     )
 
@@ -228,7 +229,8 @@ def write_dataset(folder: Path, items: int, shards: int, image_size: tuple[int, 
             rows["text"].append(item.text)
         path = folder / "data" / f"train-{shard:05d}-of-{shards:05d}.parquet"
         datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
-    (folder / "README.md").write_text(dataset_card(shards, items))
+    size = sum(p.stat().st_size for p in (folder / "data").glob("*.parquet"))
+    (folder / "README.md").write_text(dataset_card(items, size))
 
 
 def snapshot(hub_cache: Path, kind: str, repo_id: str, revision: str) -> tuple[Path, bool]:

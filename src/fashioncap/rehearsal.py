@@ -1,0 +1,222 @@
+"""`fashioncap rehearse`: the real job end to end without the Hub, with its time, memory and disk per stage.
+
+Builds the stand-ins of `standins.py` in a Hugging Face home of its own (never the user's cache: the
+stand-ins carry the real repository ids), then runs the default profile through `dvc exp run` with
+`HF_HOME=<that folder> HF_HUB_OFFLINE=1` and only the step counts made tiny, and measures each stage:
+wall time, peak memory of the stage's processes, and how much the repository grew. With `--serve` it
+then promotes the new version, serves it with `fashioncap serve` and sends one request of the most
+images the served model accepts, at catalogue size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .disk import human
+from .runtime import FashioncapError
+
+SIZES = {  # stand-in shapes: BLIP-base (or shrunk) and a slice of the catalogue at its photo size
+    "full": {"shrunk": False, "items": 400, "shards": 4, "image_size": (1166, 1750)},
+    "shrunk": {"shrunk": True, "items": 120, "shards": 3, "image_size": (583, 875)},
+}
+# Only step counts change: model, data, resolution, label smoothing, beams and lengths stay the default's.
+STEP_OVERRIDES = {
+    "full": ["train.allow_cpu=true", "train.batch_size=2", "train.grad_accum_steps=1", "train.max_steps=2",
+             "train.warmup_steps=1", "train.eval_every=2", "train.checkpoint_every=1", "train.eval_samples=2",
+             "train.log_every=1", "train.sample_images=2", "train.num_workers=0", "generate.batch_size=4",
+             "evaluate.max_items=4", "report.gallery_items=4"],
+    "shrunk": ["train.allow_cpu=true", "train.batch_size=4", "train.grad_accum_steps=1", "train.max_steps=4",
+               "train.warmup_steps=1", "train.eval_every=2", "train.checkpoint_every=2", "train.eval_samples=4",
+               "train.log_every=2", "train.sample_images=2", "train.num_workers=0", "generate.batch_size=8",
+               "evaluate.max_items=6", "evaluate.table_images=4", "report.gallery_items=4"],
+}
+STAGE_LINE = re.compile(r"Running stage '([\w-]+)'")
+LIMIT_LINE = re.compile(r"serving at most (\d+) images per request")
+
+
+class RehearsalError(FashioncapError):
+    """A step of the rehearsal failed; the message holds the end of its output."""
+
+
+@dataclass
+class StageFigures:
+    stage: str
+    seconds: float
+    peak_rss_bytes: int
+    repo_bytes_after: int
+
+
+def environment(hf_home: Path) -> dict[str, str]:
+    """The environment of a machine whose Hugging Face cache holds the stand-ins, with the Hub unreachable."""
+    return {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "HF_DATASETS_CACHE": str(hf_home / "datasets"), "PYTHONUNBUFFERED": "1"}
+
+
+def tree_bytes(folder: Path) -> int:
+    """Bytes on disk under a folder, each file once however many hard links it has there."""
+    seen, total = set(), 0
+    for path in folder.rglob("*"):
+        try:
+            stat = path.lstat()
+        except FileNotFoundError:  # removed while we walk (a checkpoint being swapped)
+            continue
+        if path.is_file() and not path.is_symlink() and (stat.st_dev, stat.st_ino) not in seen:
+            seen.add((stat.st_dev, stat.st_ino))
+            total += stat.st_blocks * 512
+    return total
+
+
+class _PeakRss(threading.Thread):
+    """Samples the resident memory of a process and all its children; `take()` returns the peak since
+    the last call."""
+
+    def __init__(self, pid: int, interval: float = 0.5):
+        super().__init__(daemon=True)
+        self.pid, self.interval, self.peak, self.done = pid, interval, 0, threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.done.is_set():
+            try:
+                root = psutil.Process(self.pid)
+                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)] if p.is_running())
+                self.peak = max(self.peak, rss)
+            except psutil.Error:
+                pass
+            self.done.wait(self.interval)
+
+    def take(self) -> int:
+        peak, self.peak = self.peak, 0
+        return peak
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def run_pipeline(repo: Path, env: dict, overrides: list[str], name: str) -> list[StageFigures]:
+    """`dvc exp run` of the default profile with the overrides; figures for each stage it ran."""
+    args = [_bin("dvc"), "exp", "run", "-n", name, "-S", "profile=default", *(a for o in overrides for a in ("-S", o))]
+    proc = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            bufsize=1)
+    sampler = _PeakRss(proc.pid)
+    sampler.start()
+    figures, tail, current, started = [], [], None, time.monotonic()
+
+    def close(stage: str | None) -> None:
+        if stage:
+            figures.append(StageFigures(stage, round(time.monotonic() - started, 1), sampler.take(), tree_bytes(repo)))
+
+    for line in proc.stdout:
+        tail = (tail + [line])[-60:]
+        if m := STAGE_LINE.search(line):
+            close(current)
+            current, started = m.group(1), time.monotonic()
+            sampler.take()
+            print(f"rehearsal: stage {current}", file=sys.stderr, flush=True)
+    code = proc.wait()
+    close(current)
+    sampler.done.set()
+    if code != 0:
+        raise RehearsalError("dvc exp run failed:\n" + "".join(tail))
+    return figures
+
+
+def serve_full_request(repo: Path, env: dict, images: list[bytes], port: int, timeout_s: int) -> dict:
+    """Promotes the candidate, serves the champion and sends one request of as many images as it accepts."""
+    import base64
+
+    subprocess.run([_bin("fashioncap"), "promote", "--force"], cwd=repo, env=env, check=True, capture_output=True)
+    log_path = repo / "reports" / "rehearsal-serve.log"
+    log_path.parent.mkdir(exist_ok=True)
+    started = time.monotonic()
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([_bin("fashioncap"), "serve", "--port", str(port), "--timeout", str(timeout_s)],
+                                  cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        limit = None
+        while limit is None:
+            if server.poll() is not None or time.monotonic() - started > 900:
+                raise RehearsalError("the server did not start:\n" + log_path.read_text()[-3000:])
+            if m := LIMIT_LINE.search(log_path.read_text()):
+                limit = int(m.group(1))
+            time.sleep(1)
+        while True:  # the limit is logged while the model loads; /ping answers once the server listens
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5).close()
+                break
+            except OSError:
+                time.sleep(1)
+        ready = time.monotonic() - started
+        batch = [base64.b64encode(images[i % len(images)]).decode() for i in range(limit)]
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[b] for b in batch]}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        sent = time.monotonic()
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s + 60) as response:
+                status, answer = response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            status, answer = error.code, {"error": error.read().decode()[:500]}
+        return {"ready_seconds": round(ready, 1), "images_per_request": limit, "status": status,
+                "request_seconds": round(time.monotonic() - sent, 1), "request_bytes": len(body),
+                "timeout_seconds": timeout_s, "first_caption": (answer.get("predictions") or [None])[0]}
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
+
+
+def rehearse(repo: Path, size: str, hf_home: Path, serve: bool, port: int, extra: list[str]) -> dict:
+    """Builds the stand-ins, runs the pipeline on them (and serves the result); returns every figure."""
+    from . import standins
+
+    shape = SIZES[size]
+    started = time.monotonic()
+    built = standins.build(hf_home, shape["shrunk"], shape["items"], shape["shards"], shape["image_size"])
+    build_seconds = round(time.monotonic() - started, 1)
+    env = environment(hf_home)
+    before = tree_bytes(repo)
+    stages = run_pipeline(repo, env, [*STEP_OVERRIDES[size], *extra], f"rehearsal-{size}")
+    model, prepared = tree_bytes(repo / "models" / "best"), tree_bytes(repo / "data" / "prepared")
+    growth = tree_bytes(repo) - before
+    result = {"size": size, "stand_ins": built, "build_seconds": build_seconds,
+              "stages": [asdict(s) for s in stages], "repo_growth_bytes": growth, "model_bytes": model,
+              "prepared_bytes": prepared,
+              "growth_over_model_and_data": round((growth - prepared) / model, 2) if model else None}
+    if serve:
+        import datasets
+
+        shard = sorted(Path(built["dataset"]["path"]).glob("data/*.parquet"))[0]
+        rows = datasets.Dataset.from_parquet(str(shard)).cast_column("image", datasets.Image(decode=False))
+        photos = [row["image"]["bytes"] for row in rows.select(range(min(16, len(rows))))]
+        from .config import load_params
+
+        timeout = load_params(repo / "params.yaml").registry.request_timeout
+        result["serving"] = serve_full_request(repo, env, photos, port, timeout)
+    return result
+
+
+def table(result: dict) -> str:
+    """The figures as a short table for the terminal."""
+    lines = [f"{'stage':<10}{'time':>10}{'peak RSS':>12}{'repo after':>13}"]
+    lines += [f"{s['stage']:<10}{s['seconds']:>9.1f}s{human(s['peak_rss_bytes']):>12}{human(s['repo_bytes_after']):>13}"
+              for s in result["stages"]]
+    lines.append(f"repository grew by {human(result['repo_growth_bytes'])}: model {human(result['model_bytes'])}, "
+                 f"prepared data {human(result['prepared_bytes'])}; (growth - data) / model = "
+                 f"{result['growth_over_model_and_data']}")
+    if "serving" in result:
+        s = result["serving"]
+        lines.append(f"serving: ready after {s['ready_seconds']} s; one request of {s['images_per_request']} catalogue "
+                     f"photos -> HTTP {s['status']} in {s['request_seconds']} s (timeout {s['timeout_seconds']} s)")
+    return "\n".join(lines)
