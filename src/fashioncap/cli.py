@@ -72,7 +72,7 @@ def cmd_rehearse(args) -> int:
         print(f"run the default profile on them with: HF_HOME={hf_home} HF_HUB_OFFLINE=1 dvc exp run -S profile=default "
               "-S train.allow_cpu=true ...", file=sys.stderr)
         return 0
-    result = rehearse(root, args.size, hf_home, args.serve, args.port, args.set or [])
+    result = rehearse(root, args.size, hf_home, args.serve, args.port, args.set or [], use_dvc=not args.without_dvc)
     out = root / "reports" / f"rehearsal-{args.size}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
@@ -199,6 +199,8 @@ def parser() -> argparse.ArgumentParser:
     rehearse.add_argument("--build-only", action="store_true", help="build the stand-ins, run nothing")
     rehearse.add_argument("--serve", action="store_true", help="then promote, serve and send one maximum-size request")
     rehearse.add_argument("--port", type=int, default=5011)
+    rehearse.add_argument("--without-dvc", action="store_true",
+                          help="run the stages' commands from dvc.yaml as plain processes (a machine without DVC)")
     rehearse.add_argument("--set", action="append", metavar="KEY=VALUE", help="another `dvc exp run -S` override")
     rehearse.set_defaults(func=cmd_rehearse)
     caption = sub.add_parser("caption", help="caption image files or folders with a registry model")

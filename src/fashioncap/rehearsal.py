@@ -133,6 +133,49 @@ def run_pipeline(repo: Path, env: dict, overrides: list[str], name: str) -> list
     return figures
 
 
+def stage_commands(repo: Path, params: Path) -> list[tuple[str, str]]:
+    """Each stage's command from dvc.yaml, its variables filled in and pointed at `params`, for a machine
+    without git and DVC (a bare GPU box): the same modules with the same paths, in pipeline order."""
+    import yaml
+
+    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
+    values = {f"paths.{k}": v for part in pipeline.get("vars", []) for k, v in part.get("paths", {}).items()}
+    values["train.launcher"] = yaml.safe_load(params.read_text())["train"]["launcher"]
+    commands = []
+    for name, stage in pipeline["stages"].items():
+        cmd = re.sub(r"\$\{([\w.]+)\}", lambda m: str(values[m.group(1)]), stage["cmd"])
+        commands.append((name, f"{cmd} --params {params}"))
+    return commands
+
+
+def run_without_dvc(repo: Path, env: dict, overrides: list[str]) -> list[StageFigures]:
+    """The stages one after the other as plain processes, with params composed from conf/ as
+    `dvc exp run -S profile=default -S ...` composes them."""
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(str(repo / "conf"), version_base=None):
+        raw = OmegaConf.to_container(compose(config_name="config", overrides=["profile=default", *overrides]),
+                                     resolve=True)
+    params = repo / "params.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    figures = []
+    for name, cmd in stage_commands(repo, params):
+        print(f"rehearsal: stage {name}", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, shell=True, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        sampler = _PeakRss(proc.pid)
+        sampler.start()
+        output = proc.communicate()[0]
+        sampler.done.set()
+        if proc.returncode != 0:
+            raise RehearsalError(f"stage {name} failed:\n{output[-3000:]}")
+        figures.append(StageFigures(name, round(time.monotonic() - started, 1), sampler.take(), tree_bytes(repo)))
+    return figures
+
+
 def serve_full_request(repo: Path, env: dict, images: list[bytes], port: int, timeout_s: int) -> dict:
     """Promotes the candidate, serves the champion and sends one request of as many images as it accepts."""
     import base64
@@ -177,7 +220,8 @@ def serve_full_request(repo: Path, env: dict, images: list[bytes], port: int, ti
         server.wait(timeout=60)
 
 
-def rehearse(repo: Path, size: str, hf_home: Path, serve: bool, port: int, extra: list[str]) -> dict:
+def rehearse(repo: Path, size: str, hf_home: Path, serve: bool, port: int, extra: list[str],
+             use_dvc: bool = True) -> dict:
     """Builds the stand-ins, runs the pipeline on them (and serves the result); returns every figure."""
     from . import standins
 
@@ -187,7 +231,9 @@ def rehearse(repo: Path, size: str, hf_home: Path, serve: bool, port: int, extra
     build_seconds = round(time.monotonic() - started, 1)
     env = environment(hf_home)
     before = tree_bytes(repo)
-    stages = run_pipeline(repo, env, [*STEP_OVERRIDES[size], *extra], f"rehearsal-{size}")
+    overrides = [*STEP_OVERRIDES[size], *extra]
+    stages = (run_pipeline(repo, env, overrides, f"rehearsal-{size}") if use_dvc
+              else run_without_dvc(repo, env, overrides))
     model, prepared = tree_bytes(repo / "models" / "best"), tree_bytes(repo / "data" / "prepared")
     growth = tree_bytes(repo) - before
     result = {"size": size, "stand_ins": built, "build_seconds": build_seconds,

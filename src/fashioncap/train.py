@@ -15,9 +15,8 @@ from .config import Params, TrainParams, load_params
 from .data import TOKEN_LENGTHS, DataSourceError
 from .metrics import caption_scores
 from .modeling import Collator, apply_memory_options, build_processor, caption_all, initial_model, save_model
-from .runtime import FashioncapError
 from .report import caption_panel
-from .runtime import progress, run_stage, stage_args
+from .runtime import FashioncapError, progress, run_stage, stage_args
 from . import checkpoint, disk, lineage, tracking
 
 log = logging.getLogger(__name__)
@@ -301,7 +300,7 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
                                     "caption_truncated_fraction": lengths["truncated_fraction"]})
         tracking.write_run_ref(out.run_ref, run.info.run_id, params.tracking.experiment)
     stop_reason, started, first_step = f"reached train.max_steps ({cfg.max_steps})", time.perf_counter(), step
-    timer: dict[int, float] = {}
+    warm = started  # when the first step of this process ended
     epoch, offset = divmod(consumed, batches_per_epoch)
     sampler.start = offset * cfg.batch_size
     batches = forever(loader, sampler, epoch)
@@ -323,10 +322,12 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
             continue
         step += 1
         bar.update()
-        timer[step] = time.perf_counter()
-        if step == first_step + 1 + ETA_STEPS and accelerator.is_main_process:
-            # the first step warms up (allocations, kernel selection): the pace is timed after it
-            pace = (timer[step] - timer[first_step + 1]) / ETA_STEPS
+        if step == first_step + 1:
+            warm = time.perf_counter()
+        if step == min(first_step + 1 + ETA_STEPS, cfg.max_steps) and accelerator.is_main_process:
+            # the first step warms up (allocations, kernel selection): the pace is timed after it if it can be
+            now = time.perf_counter()
+            pace = (now - warm) / (step - first_step - 1) if step > first_step + 1 else now - started
             message = eta_message(pace, step, cfg.max_steps, cfg.eval_every)
             log.info("ETA: %s", message)
             if run is not None:
@@ -377,6 +378,8 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
         "samples_per_second": round((step - first_step) * cfg.batch_size * cfg.grad_accum_steps / seconds, 2),
         "parameters": n_params, "processes": accelerator.num_processes,
         **({"caption_truncated_fraction": round(lengths["truncated_fraction"], 5)} if lengths else {}),
+        **({"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+           if torch.cuda.is_available() else {}),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
