@@ -16,8 +16,8 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 started=$(date +%s)
 without_dvc=$(command -v dvc >/dev/null && git rev-parse --git-dir >/dev/null 2>&1 || echo --without-dvc)
 timeout 330 python -m fashioncap.cli rehearse --size full $without_dvc --hf-home "${TMPDIR:-/tmp}/fashioncap-hf-standins" \
-  --set train.batch_size=8 --set train.grad_accum_steps=4 --set train.max_steps=200 --set train.eval_every=100 \
-  --set train.checkpoint_every=100 --set train.eval_samples=32 --set train.log_every=20 --set train.num_workers=2 \
+  --set train.batch_size=8 --set train.grad_accum_steps=4 --set train.max_steps=120 --set train.eval_every=60 \
+  --set train.checkpoint_every=60 --set train.eval_samples=32 --set train.log_every=20 --set train.num_workers=2 \
   --set generate.batch_size=16 --set evaluate.max_items=40 || echo "# the rehearsal failed"
 python - <<'PY' || true
 import json
@@ -27,7 +27,7 @@ PY
 echo "# full-size rehearsal: $(( $(date +%s) - started )) s"
 
 started=$(date +%s)
-timeout 240 python -m benchmarks.gpu || echo "# the training benchmark stopped early"
+timeout 150 python -m benchmarks.gpu || echo "# the training benchmark stopped early"
 echo "# training benchmark: $(( $(date +%s) - started )) s"
 
 if [ -z "$without_dvc" ]; then

@@ -97,6 +97,9 @@ def measure(size: str, batch: int, repeats: int, precision: str = "auto", baseli
     side = 384 if size == "base" else params.model.image_size
     items = catalogue_batches(batch, side)
     processor = make_processor(size, [r["caption"] for r in items])
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # each measurement chooses its own precision
     accelerator = Accelerator(mixed_precision=mixed_precision(precision), cpu=not torch.cuda.is_available())
     device = accelerator.device
     out: dict = {"size": size, "batch": batch, "precision": accelerator.mixed_precision, "device": device.type}

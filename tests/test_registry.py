@@ -139,3 +139,22 @@ def test_cli_caption_reports_bad_files_and_fails_only_when_all_fail(registry_env
     assert only_bad.returncode == 1
     unknown = run_cli("promote", "7", env=cli_env)
     assert unknown.returncode == 2 and "has no version 7" in unknown.stderr
+
+
+def test_served_requirements_pin_what_is_installed_also_with_mlflow_skinny(monkeypatch):
+    """A GPU image may carry mlflow-skinny rather than mlflow: registering must not fail on it."""
+    from importlib import metadata
+
+    from fashioncap import register
+
+    real = metadata.version
+
+    def skinny_only(name):
+        if name == "mlflow":
+            raise metadata.PackageNotFoundError(name)
+        return "3.17.2" if name == "mlflow-skinny" else real(name)
+
+    monkeypatch.setattr(register.metadata, "version", skinny_only)
+    pins = register.pip_requirements()
+    assert "mlflow-skinny==3.17.2" in pins and not any(p.startswith("mlflow==") for p in pins)
+    assert any(p.startswith("pillow==") for p in pins) and len(pins) == len(register.SERVING_PACKAGES)

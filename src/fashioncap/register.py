@@ -15,13 +15,25 @@ from .runtime import run_stage, stage_args
 
 log = logging.getLogger(__name__)
 
-# What predict() imports; MLflow's own inference of requirements misses pillow.
-SERVING_PACKAGES = ("torch", "transformers", "pillow", "pydantic", "pyyaml", "pandas", "mlflow", "safetensors")
+# What predict() imports; MLflow's own inference of requirements misses pillow. Where a package ships as
+# alternative distributions (mlflow or the lighter mlflow-skinny), the first one installed is pinned.
+SERVING_PACKAGES = ("torch", "transformers", "pillow", "pydantic", "pyyaml", "pandas", ("mlflow", "mlflow-skinny"),
+                    "safetensors")
 
 
 def pip_requirements() -> list[str]:
     """The serving packages pinned to the versions installed here (local build suffixes dropped)."""
-    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in SERVING_PACKAGES]
+    pins = []
+    for names in SERVING_PACKAGES:
+        for name in (names,) if isinstance(names, str) else names:
+            try:
+                pins.append(f"{name}=={metadata.version(name).split('+')[0]}")
+                break
+            except metadata.PackageNotFoundError:
+                continue
+        else:
+            raise metadata.PackageNotFoundError(f"none of {names} is installed")
+    return pins
 
 
 def serving_config(params: Params) -> dict:
