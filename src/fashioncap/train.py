@@ -259,7 +259,7 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     if accelerator.is_main_process:
         disk.require(out.checkpoint_dir.parent, disk.training_bytes(
             n_params, sum(p.numel() for p in model.parameters() if p.requires_grad), cfg.checkpoint_every < cfg.max_steps),
-            f"training {n_params / 1e6:.0f}M parameters (best model and full-state checkpoints)")
+            f"training {n_params / 1e6:.2f}M parameters (best model and full-state checkpoints)")
     if lengths:
         log.info("captions up to %d tokens (p99 %d, max %d): %.2f%% of them are cut", lengths["limit"],
                  lengths["p99"], lengths["max"], 100 * lengths["truncated_fraction"])
