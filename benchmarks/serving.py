@@ -25,7 +25,7 @@ def champion(root: Path) -> dict:
     request as a trained one, since generation runs to max_new_tokens either way)."""
     import mlflow
 
-    from fashioncap import registry, tracking
+    from fashioncap import promotion, tracking
     from fashioncap.register import register
 
     params = offline_params("data.synthetic.items=60", "data.synthetic.render_size=96", "data.num_workers=0")
@@ -40,7 +40,7 @@ def champion(root: Path) -> dict:
         register(params, run.info.run_id, root / "best", root / "prepared",
                  {"test_items": 1, "novel_items": 1, "before": scores, "after": scores, "test_digest": "benchmark",
                   "exact_match_after": 0.0})
-        registry.promote(mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]), params.registry.name)
+        promotion.promote(mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]), params.registry.name)
     finally:
         if before is None:
             os.environ.pop("MLFLOW_TRACKING_URI")

@@ -139,6 +139,23 @@ def cli_env(registry_env, tmp_path) -> dict:
     return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
 
 
+def train_command(workdir: Path, params: Path, data_dir: Path) -> list[str]:
+    """The train stage's command line, every output inside `workdir` (as dvc.yaml passes them)."""
+    return [sys.executable, "-m", "fashioncap.train", "--params", str(params), "--data", str(data_dir),
+            "--model-dir", str(workdir / "best"), "--run-ref", str(workdir / "run.json"),
+            "--metrics", str(workdir / "train.json"), "--train-log", str(workdir / "train_log.csv"),
+            "--val-log", str(workdir / "val_log.csv"), "--checkpoint-dir", str(workdir / "ckpt"),
+            "--loss-curve", str(workdir / "loss_curve.png")]
+
+
+def train_outputs(workdir: Path):
+    """The train stage's outputs inside `workdir`, for calling `train.train` in the test's process."""
+    from fashioncap.train import Outputs
+
+    return Outputs(workdir / "best", workdir / "run.json", workdir / "train.json", workdir / "train_log.csv",
+                   workdir / "val_log.csv", workdir / "ckpt", workdir / "loss_curve.png")
+
+
 def sh(args: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     """Runs a command as a user's shell would (the venv's tools first on PATH); fails the test on error."""
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}

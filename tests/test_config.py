@@ -65,6 +65,6 @@ def test_all_problems_are_reported_at_once_and_typos_are_errors():
 
 def test_source_needs_its_fields():
     raw = copy.deepcopy(compose([]))
-    raw["data"]["source"] = "imagefolder"
-    with pytest.raises(ConfigError, match="data.source 'imagefolder' needs data.path"):
+    raw["data"]["hub_id"] = None
+    with pytest.raises(ConfigError, match="data.source 'hub' needs data.hub_id"):
         parse_params(raw)

@@ -3,6 +3,7 @@
 import pytest
 
 from fashioncap import disk
+from tests.conftest import train_outputs
 
 
 def test_training_needs_two_best_models_and_two_full_states_at_its_peak():
@@ -44,8 +45,7 @@ def test_train_stops_before_the_first_step_when_checkpoints_would_not_fit(tmp_pa
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setattr(disk, "free_bytes", lambda path: 10_000)
-    out = train.Outputs(tmp_path / "best", tmp_path / "run.json", tmp_path / "train.json", tmp_path / "train_log.csv",
-                        tmp_path / "val_log.csv", tmp_path / "checkpoints" / "train")
+    out = train_outputs(tmp_path / "checkpoints")
     with pytest.raises(disk.DiskSpaceError, match=r"training 0\.\d\dM parameters \(best model and full-state checkpoints\)"):
         train.train(tiny_params, data_dir, out)
-    assert not (tmp_path / "run.json").exists() and not (tmp_path / "checkpoints").exists()
+    assert not (tmp_path / "checkpoints" / "run.json").exists() and not (tmp_path / "checkpoints" / "ckpt").exists()

@@ -64,13 +64,27 @@ def test_scratch_model_is_seeded_and_generates_with_its_own_special_tokens(tiny_
 
 def test_unloadable_pretrained_model_is_a_clear_error_not_a_traceback(tiny_raw, tiny_model, write_params, tmp_path):
     import subprocess
-    import sys
 
     _, data_dir = tiny_model
     raw = dict(tiny_raw, model={**tiny_raw["model"], "init": str(tmp_path / "no-such-blip")},
                train={**tiny_raw["train"], "allow_cpu": True})
-    proc = subprocess.run([sys.executable, "-m", "fashioncap.train", "--params", str(write_params(raw)),
-                           "--data", str(data_dir), "--model-dir", str(tmp_path / "best")],
+    from tests.conftest import train_command
+
+    proc = subprocess.run(train_command(tmp_path, write_params(raw), data_dir),
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2
     assert "cannot load the processor of model.init" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_pretrained_model_at_another_image_size_is_refused(tiny_model, tiny_params):
+    """model.image_size must be the checkpoint's input size: prepare would store images at one size and
+    the processor silently resize them to another."""
+    import pytest
+
+    from fashioncap.modeling import ModelSourceError, build_processor
+
+    model_dir, _ = tiny_model
+    cfg = tiny_params.model.model_copy(update={"init": str(model_dir), "image_size": 64})
+    with pytest.raises(ModelSourceError, match=r"model.image_size \(64\) differs .*\(32x32\): set -S model.image_size=32"):
+        build_processor(cfg, [])
+    assert build_processor(cfg.model_copy(update={"image_size": 32}), []).image_processor.size["height"] == 32

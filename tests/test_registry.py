@@ -9,9 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 from PIL import Image
 
-from fashioncap import registry
+from fashioncap import promotion
 from fashioncap.register import register
 
 NAME = "fashion-captioner"
@@ -46,10 +47,10 @@ def test_register_is_idempotent_and_tags_the_version(registry_env, tiny_params):
     again = register(tiny_params, run_id, model_dir, data_dir, table(1.5))
     assert again == v1 == "1"
     assert len(client.search_model_versions(f"name = '{NAME}'")) == 1
-    mv = client.get_model_version_by_alias(NAME, registry.CANDIDATE)
+    mv = client.get_model_version_by_alias(NAME, promotion.CANDIDATE)
     assert str(mv.version) == "1"
-    assert mv.tags[registry.CIDER_TAG] == "1.5" and mv.tags[registry.DIGEST_TAG] == "d1"
-    assert mv.tags[registry.RUN_TAG] == run_id and mv.tags[registry.COMMIT_TAG]
+    assert mv.tags[promotion.CIDER_TAG] == "1.5" and mv.tags[promotion.DIGEST_TAG] == "d1"
+    assert mv.tags[promotion.RUN_TAG] == run_id and mv.tags[promotion.COMMIT_TAG]
     assert "Test CIDEr-D 0.010 -> 1.500" in mv.description and "Limitations" in mv.description
 
 
@@ -60,7 +61,7 @@ def test_registry_model_loads_by_alias_and_captions_a_batch(registry_env, tiny_p
 
     client, model_dir, data_dir = registry_env
     register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(1.0))
-    model = mlflow.pyfunc.load_model(f"models:/{NAME}@{registry.CANDIDATE}")
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@{promotion.CANDIDATE}")
     captions = model.predict(pd.DataFrame({"image": [png_b64(), png_b64((0, 0, 200))]}))
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
     beams = model.predict(pd.DataFrame({"image": [png_b64()]}), params={"num_beams": 2, "max_new_tokens": 3})
@@ -74,28 +75,28 @@ def test_registry_model_loads_by_alias_and_captions_a_batch(registry_env, tiny_p
 def test_promote_needs_a_better_score_on_the_same_test_set(registry_env, tiny_params):
     client, model_dir, data_dir = registry_env
     register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(2.0))
-    assert registry.promote(client, NAME) == [f"{NAME}@champion: nothing -> version 1"]
+    assert promotion.promote(client, NAME) == [f"{NAME}@champion: nothing -> version 1"]
     register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(1.0))  # version 2, worse
-    with pytest.raises(registry.RegistryError, match="does not beat champion version 1"):
-        registry.promote(client, NAME)
-    assert registry.promote(client, NAME, force=True) == [
+    with pytest.raises(promotion.RegistryError, match="does not beat champion version 1"):
+        promotion.promote(client, NAME)
+    assert promotion.promote(client, NAME, force=True) == [
         f"{NAME}@previous: nothing -> version 1", f"{NAME}@champion: version 1 -> version 2"]
     register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(9.0, digest="other"))  # version 3
-    with pytest.raises(registry.RegistryError, match="another test set"):
-        registry.promote(client, NAME, "3")
+    with pytest.raises(promotion.RegistryError, match="another test set"):
+        promotion.promote(client, NAME, "3")
     register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(3.0))  # version 4, better
-    assert registry.promote(client, NAME, "4")[-1] == f"{NAME}@champion: version 2 -> version 4"
+    assert promotion.promote(client, NAME, "4")[-1] == f"{NAME}@champion: version 2 -> version 4"
 
 
 def test_rollback_restores_the_previous_champion_in_one_step(registry_env, tiny_params):
     client, model_dir, data_dir = registry_env
     register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(1.0))
-    registry.promote(client, NAME)
-    with pytest.raises(registry.RegistryError, match="no 'previous' version"):
-        registry.rollback(client, NAME)
+    promotion.promote(client, NAME)
+    with pytest.raises(promotion.RegistryError, match="no 'previous' version"):
+        promotion.rollback(client, NAME)
     register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(2.0))
-    registry.promote(client, NAME)
-    assert registry.rollback(client, NAME) == [f"{NAME}@champion: version 2 -> version 1",
+    promotion.promote(client, NAME)
+    assert promotion.rollback(client, NAME) == [f"{NAME}@champion: version 2 -> version 1",
                                                f"{NAME}@previous: version 1 -> version 2"]
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
 
@@ -105,10 +106,10 @@ def test_a_champion_set_by_hand_in_the_ui_is_honoured(registry_env, tiny_params)
     for cider in (1.0, 5.0, 3.0):
         register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(cider))
     client.set_registered_model_alias(NAME, "champion", "2")  # what the UI's alias editor does
-    with pytest.raises(registry.RegistryError, match="does not beat champion version 2"):
-        registry.promote(client, NAME, "3")
-    with pytest.raises(registry.RegistryError, match="has no version 42"):
-        registry.promote(client, NAME, "42")
+    with pytest.raises(promotion.RegistryError, match="does not beat champion version 2"):
+        promotion.promote(client, NAME, "3")
+    with pytest.raises(promotion.RegistryError, match="has no version 42"):
+        promotion.promote(client, NAME, "42")
 
 
 def run_cli(*args, env) -> subprocess.CompletedProcess:
@@ -158,3 +159,33 @@ def test_served_requirements_pin_what_is_installed_also_with_mlflow_skinny(monke
     pins = register.pip_requirements()
     assert "mlflow-skinny==3.17.2" in pins and not any(p.startswith("mlflow==") for p in pins)
     assert any(p.startswith("pillow==") for p in pins) and len(pins) == len(register.SERVING_PACKAGES)
+
+
+def test_requests_respect_both_the_image_and_the_byte_limit():
+    from fashioncap.cli import requests_within
+
+    items = [(Path(f"{i}.png"), "x" * size) for i, size in enumerate([10, 10, 10, 30, 5, 100, 1])]
+    batches = requests_within(items, max_images=3, max_bytes=40)
+    assert [[f.name for f, _ in b] for b in batches] == [["0.png", "1.png", "2.png"], ["3.png", "4.png"],
+                                                         ["5.png"], ["6.png"]]
+    assert requests_within([], 3, 40) == []
+
+
+def test_cli_captions_40_photos_under_tight_limits_in_several_requests(registry_env, tiny_params, tmp_path, cli_env):
+    """registry.max_images 4 and max_request_bytes 60,000 in the tiny params: 40 photos need 10+ requests."""
+    import numpy as np
+
+    client, model_dir, data_dir = registry_env
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(1.0))
+    assert run_cli("promote", env=cli_env).returncode == 0
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / f"p{i:02d}.png")
+    Image.new("RGB", (200, 200), "red").save(folder / "huge.png")  # 40,000 pixels: above registry.max_pixels
+    out = run_cli("caption", str(folder), "--json", env=cli_env)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    captioned = [json.loads(line)["file"].rsplit("/", 1)[1] for line in out.stdout.splitlines()]
+    assert captioned == [f"p{i:02d}.png" for i in range(40)]
+    assert "huge.png" in out.stderr and "exceeds the limit of 10000 pixels" in out.stderr

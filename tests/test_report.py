@@ -7,8 +7,10 @@ import re
 
 from PIL import Image
 
-from fashioncap.evaluate import TABLE_THUMBNAIL, mlflow_metrics, per_category, prediction_table, score_table
-from fashioncap.report import caption_panel, data_uri, outcome, render, select_gallery
+from fashioncap.evaluate import TABLE_THUMBNAIL, per_category, prediction_table, score_table
+from fashioncap.plots import caption_panel
+from fashioncap.tracking import mlflow_metrics
+from fashioncap.report import data_uri, outcome, render, select_gallery
 
 
 def prediction(i: int, before: float, after: float, category: str = "watch") -> dict:

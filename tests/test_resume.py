@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,15 +14,9 @@ import pytest
 import torch
 
 from fashioncap import checkpoint
+from tests.conftest import train_command
 
 pytestmark = pytest.mark.slow
-
-
-def train_command(workdir: Path, params: Path, data_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "fashioncap.train", "--params", str(params), "--data", str(data_dir),
-            "--model-dir", str(workdir / "best"), "--run-ref", str(workdir / "run.json"),
-            "--metrics", str(workdir / "train.json"), "--train-log", str(workdir / "train_log.csv"),
-            "--val-log", str(workdir / "val_log.csv"), "--checkpoint-dir", str(workdir / "ckpt")]
 
 
 def start(workdir: Path, params: Path, data_dir: Path) -> subprocess.Popen:
@@ -79,7 +72,7 @@ def test_killed_training_resumes_to_bit_identical_results(tmp_path, long_params,
     assert {m.step for m in client.get_metric_history(run_id, "train_loss")} == set(range(1, 41))
 
 
-def test_a_killed_swap_leaves_a_whole_folder(tmp_path):
+def test_a_swap_replaces_the_folder_whole_and_leaves_nothing_beside_it(tmp_path):
     target = tmp_path / "best"
     target.mkdir()
     (target / "old.txt").write_text("old")
@@ -88,6 +81,24 @@ def test_a_killed_swap_leaves_a_whole_folder(tmp_path):
     checkpoint.swap_in(staging, target)
     assert [p.name for p in target.iterdir()] == ["new.txt"]
     assert not staging.exists() and not target.with_name("best.old").exists()
+
+
+@pytest.mark.parametrize("staging_written", [True, False])
+def test_a_swap_killed_between_its_renames_is_completed_on_the_next_load(tmp_path, staging_written):
+    """The state a kill leaves after `directory -> .old` and before `.tmp -> directory`."""
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save(ckpt, {"x": torch.ones(2)}, {"fingerprint": "f", "step": 1})
+    newer = checkpoint.staging_for(ckpt)
+    if staging_written:
+        torch.save({"x": torch.full((2,), 2.0)}, newer / checkpoint.STATE_FILE)
+        (newer / checkpoint.META_FILE).write_text(json.dumps({"fingerprint": "f", "step": 2}))
+    else:
+        newer.rmdir()
+    ckpt.rename(ckpt.with_name("ckpt.old"))  # the kill comes here
+    tensors, meta = checkpoint.load(ckpt, "f")
+    assert meta["step"] == (2 if staging_written else 1)
+    assert torch.equal(tensors["x"], torch.full((2,), 2.0 if staging_written else 1.0))
+    assert not ckpt.with_name("ckpt.old").exists() and not ckpt.with_name("ckpt.tmp").exists()
 
 
 def test_a_checkpoint_of_other_params_is_not_resumed(tmp_path):

@@ -15,7 +15,7 @@ import urllib.request
 import pytest
 from PIL import Image
 
-from fashioncap import registry
+from fashioncap import promotion
 from fashioncap.register import register
 from tests.conftest import background_server, free_port
 from tests.test_registry import new_run, png_b64, table
@@ -43,7 +43,7 @@ def images_body(values: list[str]) -> dict:
 def server(registry_env, tiny_params, tmp_path):
     client, model_dir, data_dir = registry_env
     register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(1.0))
-    registry.promote(client, NAME)
+    promotion.promote(client, NAME)
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     with background_server([sys.executable, "-m", "fashioncap.cli", "serve", "--port", str(port)],

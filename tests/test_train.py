@@ -5,6 +5,8 @@ import os
 import pytest
 import torch
 
+from tests.conftest import train_command, train_outputs
+
 from fashioncap.train import BestTracker, make_optimizer, mixed_precision
 
 
@@ -42,13 +44,11 @@ def test_no_weight_decay_on_biases_and_norms(tiny_params):
 
 def test_a_training_split_smaller_than_one_step_is_a_clear_error(tiny_raw, tiny_model, write_params, tmp_path):
     import subprocess
-    import sys
 
     _, data_dir = tiny_model
     raw = {**tiny_raw, "data": {**tiny_raw["data"], "source": "imagefolder", "path": str(tmp_path)},
            "train": {**tiny_raw["train"], "batch_size": 64, "grad_accum_steps": 4}}
-    proc = subprocess.run([sys.executable, "-m", "fashioncap.train", "--params", str(write_params(raw)),
-                           "--data", str(data_dir), "--checkpoint-dir", str(tmp_path / "ckpt")],
+    proc = subprocess.run(train_command(tmp_path, write_params(raw), data_dir),
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and "fewer than one optimizer step needs" in proc.stderr, proc.stderr[-2000:]
 
@@ -75,14 +75,12 @@ def test_memory_options_freeze_the_vision_encoder_and_checkpoint_activations(tin
 def test_default_profile_without_a_gpu_stops_in_seconds_naming_the_way_out(tmp_path):
     """The committed default params on a CPU-only machine: no download, no model load, a clear exit 2."""
     import subprocess
-    import sys
     import time
 
     from tests.conftest import REPO
 
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "fashioncap.train", "--params", str(REPO / "params.yaml"),
-                           "--data", str(tmp_path / "not-prepared"), "--model-dir", str(tmp_path / "best")],
+    proc = subprocess.run(train_command(tmp_path, REPO / "params.yaml", tmp_path / "not-prepared"),
                           capture_output=True, text=True, cwd=tmp_path, timeout=120,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2, proc.stderr[-2000:]
@@ -124,3 +122,38 @@ def test_eta_message_extrapolates_the_measured_pace():
 
     assert "about 2 d 2 h" in eta_message(60.0, 10, 3010, 250)
     assert "about 1 min 40 s" in eta_message(1.0, 0, 100, 50)
+
+
+def test_logged_train_loss_is_the_mean_over_the_accumulation_window(tiny_params, tiny_model, tmp_path, monkeypatch):
+    import csv
+
+    from fashioncap import modeling, train
+
+    _, data_dir = tiny_model
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    seen: list[float] = []
+
+    def recording(cfg, processor, seed):
+        model = modeling.initial_model(cfg, processor, seed)
+        forward = model.forward
+
+        def record(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            if torch.is_grad_enabled():  # training micro-batches, not validation
+                seen.append(out.loss.item())
+            return out
+
+        model.forward = record
+        return model
+
+    monkeypatch.setattr(train, "initial_model", recording)
+    cfg = tiny_params.train.model_copy(update={"grad_accum_steps": 2, "max_steps": 3, "eval_every": 3,
+                                               "checkpoint_every": 3, "warmup_steps": 1, "log_every": 1})
+    params = tiny_params.model_copy(update={"train": cfg})
+    out = train_outputs(tmp_path)
+    train.train(params, data_dir, out)
+    logged = [float(r["loss"]) for r in csv.DictReader((tmp_path / "train_log.csv").open())]
+    assert len(seen) == 6 and len(logged) == 3
+    for step, loss in enumerate(logged):
+        assert loss == pytest.approx((seen[2 * step] + seen[2 * step + 1]) / 2, rel=1e-5)

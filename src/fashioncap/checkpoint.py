@@ -66,11 +66,25 @@ def staging_for(directory: Path) -> Path:
     return staging
 
 
+def _old(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".old")
+
+
+def recover(directory: Path) -> None:
+    """Completes a swap that a kill interrupted between its two renames: `directory` is gone, its old
+    version sits in `.old` and its complete replacement in `.tmp`; the replacement takes its place.
+    A `.tmp` without an `.old` beside it may be half written and is left for `staging_for` to clear."""
+    old, staging = _old(directory), directory.with_name(directory.name + ".tmp")
+    if not directory.exists() and old.exists():
+        (staging if staging.exists() else old).rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def swap_in(staging: Path, directory: Path) -> None:
     """Replaces `directory` by the complete folder `staging` with renames: a kill at any point leaves
-    either the old or the new folder whole (at worst beside a leftover that the next call removes)."""
-    old = directory.with_name(directory.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    the old folder whole, or the new one whole, or both beside it for `recover` to finish the swap."""
+    old = _old(directory)
+    recover(directory)
     if directory.exists():
         directory.rename(old)
     staging.rename(directory)
@@ -87,6 +101,7 @@ def save(directory: Path, tensors: dict, meta: dict) -> None:
 
 def load(directory: Path, expected_fingerprint: str) -> tuple[dict, dict] | None:
     """The checkpoint's tensors and metadata, or None when there is none or it belongs to another run."""
+    recover(directory)
     if not (directory / META_FILE).is_file():
         return None
     meta = json.loads((directory / META_FILE).read_text())

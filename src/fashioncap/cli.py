@@ -11,7 +11,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import registry, tracking
+from . import promotion, tracking
 from .runtime import FashioncapError, configure_environment, progress, project_root
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,13 @@ def _client():
 
 
 def cmd_promote(args) -> int:
-    for line in registry.promote(_client(), model_name(args.name), args.version, args.force):
+    for line in promotion.promote(_client(), model_name(args.name), args.version, args.force):
         print(line)
     return 0
 
 
 def cmd_rollback(args) -> int:
-    for line in registry.rollback(_client(), model_name(args.name)):
+    for line in promotion.rollback(_client(), model_name(args.name)):
         print(line)
     return 0
 
@@ -85,8 +85,8 @@ def _check_alias(uri: str) -> None:
     """Fails clearly when a models:/name@alias URI names an alias that is not set."""
     if uri.startswith("models:/") and "@" in uri:
         name, alias = uri.removeprefix("models:/").split("@", 1)
-        if registry.alias_version(_client(), name, alias) is None:
-            raise registry.RegistryError(f"model '{name}' has no version with alias '{alias}'"
+        if promotion.alias_version(_client(), name, alias) is None:
+            raise promotion.RegistryError(f"model '{name}' has no version with alias '{alias}'"
                                          + (": promote one with `fashioncap promote`" if alias == "champion" else ""))
 
 
@@ -140,27 +140,51 @@ def _readable(files: list[Path], max_pixels: int) -> tuple[list[tuple[Path, str]
     return good, errors
 
 
+def requests_within(images: list[tuple[Path, str]], max_images: int, max_bytes: int) -> list[list[tuple[Path, str]]]:
+    """Splits (file, base64) pairs into requests of at most `max_images` images and `max_bytes` of image
+    data, in order; an image larger than `max_bytes` on its own goes alone (the model refuses it by name)."""
+    batches: list[list[tuple[Path, str]]] = []
+    size = 0
+    for item in images:
+        if not batches or len(batches[-1]) >= max_images or size + len(item[1]) > max_bytes:
+            batches.append([])
+            size = 0
+        batches[-1].append(item)
+        size += len(item[1])
+    return batches
+
+
+def served_limits(model, batch_size: int) -> tuple[int, int, int]:
+    """The images per request, bytes per request and pixels per image that the loaded model accepts."""
+    from .imaging import DEFAULT_MAX_PIXELS
+
+    inner = model.unwrap_python_model()
+    config = getattr(inner, "config", {})
+    return (min(batch_size, getattr(inner, "max_images", batch_size)),
+            config.get("max_request_bytes", 1 << 62), config.get("max_pixels", DEFAULT_MAX_PIXELS))
+
+
 def cmd_caption(args) -> int:
     import mlflow
     import pandas as pd
-
-    from .imaging import DEFAULT_MAX_PIXELS
+    from mlflow.exceptions import MlflowException
 
     files = image_files(args.paths)
     if not files:
-        raise registry.RegistryError("no image files found in the paths given")
-    good, errors = _readable(files, DEFAULT_MAX_PIXELS)
+        raise promotion.RegistryError("no image files found in the paths given")
+    _check_alias(args.model)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    model = mlflow.pyfunc.load_model(args.model)
+    max_images, max_bytes, max_pixels = served_limits(model, args.batch_size)
+    good, errors = _readable(files, max_pixels)
     captions: dict[Path, str] = {}
-    if good:
-        _check_alias(args.model)
-        mlflow.set_tracking_uri(tracking.tracking_uri())
-        model = mlflow.pyfunc.load_model(args.model)
-        size = min(args.batch_size, getattr(model.unwrap_python_model(), "max_images", args.batch_size))
-        starts = range(0, len(good), size)
-        for start in progress(starts, desc="caption", unit="batch"):
-            batch = good[start : start + size]
+    for batch in progress(requests_within(good, max_images, max_bytes), desc="caption", unit="request"):
+        try:
             out = model.predict(pd.DataFrame({"image": [b for _, b in batch]}))
-            captions.update(zip((f for f, _ in batch), out))
+        except MlflowException as error:  # the model refused the request: say so for each of its files
+            errors.update((f, error.message) for f, _ in batch)
+            continue
+        captions.update(zip((f for f, _ in batch), out))
     for f in files:
         if f in errors:
             print(f"error: {f}: {errors[f]}", file=sys.stderr)

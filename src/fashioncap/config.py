@@ -34,7 +34,7 @@ class DataParams(_Section):
     hub_id: str | None
     revision: str
     hub_split: str
-    path: str | None
+    path: Annotated[str, Field(min_length=1)]
     image_column: str
     text_column: str
     category_column: str | None
@@ -54,8 +54,6 @@ class DataParams(_Section):
     def _source_fields(self) -> "DataParams":
         if self.source == "hub" and not self.hub_id:
             raise ValueError("data.source 'hub' needs data.hub_id")
-        if self.source == "imagefolder" and not self.path:
-            raise ValueError("data.source 'imagefolder' needs data.path")
         if self.val_fraction + self.test_fraction >= 0.9:
             raise ValueError("data.val_fraction + data.test_fraction must leave at least 10% for training")
         return self

@@ -56,20 +56,6 @@ def per_category(categories: list[str | None], references: list[str], before: li
     return out
 
 
-def mlflow_metrics(table: dict) -> dict[str, float]:
-    """Flat metric names for MLflow: test_<when>_<metric>, e.g. test_after_cider_d."""
-    out = {}
-    for when in ("before", "after", "before_novel", "after_novel"):
-        for name, value in table.get(when, {}).items():
-            out[f"test_{when}_{name}"] = value
-    out["test_exact_match_after"] = table["exact_match_after"]
-    for category, scores in table.get("per_category", {}).items():
-        for when in ("before", "after"):
-            for name in ("cider_d", "bleu_4"):
-                out[f"category/{category}/test_{when}_{name}"] = scores[when][name]
-    return out
-
-
 def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None) -> tuple[dict, list[dict], list]:
     """Captions the test split with the initial and the fine-tuned weights; returns scores, predictions and
     the test images."""
@@ -117,8 +103,7 @@ def prediction_table(predictions: list[dict], images: list, limit: int) -> dict[
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_args(__doc__, argv, data="data/prepared", model_dir="models/best", run_ref="models/run.json",
-                      metrics="metrics/eval.json", predictions="reports/predictions.jsonl")
+    args = stage_args(__doc__, argv, "data", "model_dir", "run_ref", "metrics", "predictions")
     params = load_params(args.params)
     table, predictions, images = evaluate(params, args.data, args.model_dir, params.evaluate.max_items)
     metrics, preds = args.metrics, args.predictions
@@ -129,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     with tracking.resume_run(tracking.read_run_ref(args.run_ref)):
         import mlflow
 
-        mlflow.log_metrics(mlflow_metrics(table))
+        mlflow.log_metrics(tracking.mlflow_metrics(table))
         mlflow.log_artifact(str(metrics))
         mlflow.log_artifact(str(preds))
         if params.evaluate.table_images:

@@ -35,6 +35,12 @@ def git_state(root: Path) -> dict[str, str]:
             **({"git.dirty_paths": ",".join(changed)[:500]} if changed else {})}
 
 
+def pipeline_paths(dvc_yaml: str) -> dict[str, str]:
+    """The paths dvc.yaml names once in its `vars` (`paths.model`, ...), by name, from its text."""
+    pipeline = yaml.safe_load(dvc_yaml) or {}
+    return {k: v for part in pipeline.get("vars", []) if isinstance(part, dict) for k, v in part.get("paths", {}).items()}
+
+
 def lock_digests(lock_file: Path) -> dict[str, str]:
     """The md5 digests dvc.lock holds for each stage output, by output path."""
     if not lock_file.is_file():

@@ -37,11 +37,19 @@ def build_processor(cfg: ModelParams, train_captions: Sequence[str]):
 
     if not cfg.from_scratch:
         try:
-            return BlipProcessor.from_pretrained(cfg.init)
+            processor = BlipProcessor.from_pretrained(cfg.init)
         except (OSError, ValueError) as error:  # not on the Hub, no network, not a BLIP directory, bad id
             raise ModelSourceError(f"cannot load the processor of model.init '{cfg.init}': "
                                    f"{str(error).splitlines()[0][:300]}. To run without the Hub: "
                                    "dvc exp run -S profile=offline") from None
+        size = processor.image_processor.size
+        if (size.get("height"), size.get("width")) != (cfg.image_size, cfg.image_size):
+            # the checkpoint's position embeddings are for its own input size: images of another size
+            # would be stored at model.image_size and silently resized again by the processor
+            raise ModelSourceError(f"model.image_size ({cfg.image_size}) differs from the input size of "
+                                   f"model.init '{cfg.init}' ({size.get('height')}x{size.get('width')}): set "
+                                   f"-S model.image_size={size.get('height')}")
+        return processor
     image_processor = BlipImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size})
     return BlipProcessor(image_processor=image_processor, tokenizer=build_tokenizer(train_captions))
 

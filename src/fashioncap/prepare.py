@@ -17,6 +17,7 @@ from PIL import Image
 from .config import DataParams, ModelParams, Params, load_params
 from .data import SPLITS, TOKEN_LENGTHS, DataSourceError, RawItem, clean_caption, read_source, split_of
 from .imaging import ImageInputError, decode_image, encode_image, to_model_image
+from .modeling import build_processor
 from .runtime import progress, run_stage, stage_args
 from . import disk
 
@@ -56,7 +57,7 @@ def _content_digest(item: RawItem) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def process(item: RawItem, cfg: DataParams, size: int) -> dict:
+def prepare_item(item: RawItem, cfg: DataParams, size: int) -> dict:
     """The per-item work (decode, check, resize, encode, digest), as a plain row a worker can send back;
     a rejected item comes back with its reason and kind instead."""
     try:
@@ -67,11 +68,11 @@ def process(item: RawItem, cfg: DataParams, size: int) -> dict:
             "digest": _content_digest(item), "bytes": encode_image(image, cfg.image_format)}
 
 
-def processed(items: Iterable[RawItem], cfg: DataParams, size: int) -> Iterator[dict]:
-    """`process` over the items in `cfg.num_workers` threads (0: in this one), in the items' order, with
+def prepare_items(items: Iterable[RawItem], cfg: DataParams, size: int) -> Iterator[dict]:
+    """`prepare_item` over the items in `cfg.num_workers` threads (0: in this one), in the items' order, with
     at most a few items per thread in flight. Threads suffice: Pillow and hashlib release the GIL
     while they decode, resize, encode and hash, and nothing is pickled between processes."""
-    work = functools.partial(process, cfg=cfg, size=size)
+    work = functools.partial(prepare_item, cfg=cfg, size=size)
     if cfg.num_workers == 0:
         yield from map(work, items)
         return
@@ -92,7 +93,7 @@ def build_splits(params: Params) -> tuple[dict[str, list[dict]], list[dict]]:
     rejected: list[dict] = []
     first_seen: dict[str, tuple[str, str]] = {}
     items = progress(read_source(cfg, params.seed), desc="prepare", unit="img")
-    for row in processed(items, cfg, params.model.image_size):
+    for row in prepare_items(items, cfg, params.model.image_size):
         if "kind" not in row and row["digest"] in first_seen:
             # the same photo twice: keep the first, whatever the captions say
             key, other = first_seen[row["digest"]]
@@ -148,8 +149,6 @@ def percentile(sorted_values: list[int], q: float) -> int:
 def token_lengths(model: ModelParams, rows: dict[str, list[dict]]) -> dict:
     """Caption lengths in the model's tokens, [CLS]/bos and [SEP] included, as training sees them:
     p50/p95/p99/max over every kept caption, and how many captions have each length."""
-    from .modeling import build_processor
-
     tokenizer = build_processor(model, [r["caption"] for r in rows["train"]]).tokenizer
     captions = [r["caption"] for split in SPLITS for r in rows[split]]
     lengths = sorted(len(ids) for ids in tokenizer(captions, add_special_tokens=True)["input_ids"])
@@ -184,8 +183,10 @@ def save(rows: dict[str, list[dict]], rejected: list[dict], out: Path, lengths: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_args(__doc__, argv, out="data/prepared", metrics="metrics/prepare.json")
+    args = stage_args(__doc__, argv, "out", "metrics")
     params = load_params(args.params)
+    if not params.model.from_scratch:
+        build_processor(params.model, [])  # a wrong model.init or model.image_size fails now, not after the images
     rows, rejected = build_splits(params)
     check_rejections(sum(len(v) for v in rows.values()), rejected, params.data.max_rejected_fraction)
     empty = [s for s in SPLITS if not rows[s]]

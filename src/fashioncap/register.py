@@ -9,7 +9,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from . import lineage, registry, tracking
+from . import lineage, promotion, tracking
 from .config import Params, load_params
 from .runtime import run_stage, stage_args
 
@@ -102,14 +102,14 @@ def register(params: Params, run_id: str, model_dir: Path, data_dir: Path, table
     client = mlflow.MlflowClient(tracking.tracking_uri())
     log_lineage(client, run_id, model_dir)
     name = params.registry.name
-    version = registry.version_for_run(client, name, run_id)
+    version = promotion.version_for_run(client, name, run_id)
     if version is not None:
         log.info("run %s is already registered as %s version %s", run_id, name, version.version)
     else:
         version = _log_and_register(params, run_id, model_dir, data_dir, table, client)
     number = str(version.version)
-    client.set_registered_model_alias(name, registry.CANDIDATE, number)
-    log.info("%s@%s -> version %s", name, registry.CANDIDATE, number)
+    client.set_registered_model_alias(name, promotion.CANDIDATE, number)
+    log.info("%s@%s -> version %s", name, promotion.CANDIDATE, number)
     return number
 
 
@@ -127,18 +127,17 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
             artifacts={"blip": str(model_dir), "serving_config": str(config)},
             signature=signature(params), input_example=input_example(data_dir),
             pip_requirements=pip_requirements())
-    tags = {registry.CIDER_TAG: str(table["after"]["cider_d"]), registry.BLEU_TAG: str(table["after"]["bleu_4"]),
-            registry.DIGEST_TAG: table["test_digest"], registry.RUN_TAG: run_id,
+    tags = {promotion.CIDER_TAG: str(table["after"]["cider_d"]), promotion.BLEU_TAG: str(table["after"]["bleu_4"]),
+            promotion.DIGEST_TAG: table["test_digest"], promotion.RUN_TAG: run_id,
             "model_digest": run.data.tags.get("model.digest", "unknown"),
-            registry.COMMIT_TAG: run.data.tags.get("mlflow.source.git.commit", "unknown")}
+            promotion.COMMIT_TAG: run.data.tags.get("mlflow.source.git.commit", "unknown")}
     version = mlflow.register_model(info.model_uri, params.registry.name, tags=tags)
     client.update_model_version(params.registry.name, version.version, description=model_card(params, table, run))
     return version
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_args(__doc__, argv, data="data/prepared", model_dir="models/best", run_ref="models/run.json",
-                      eval="metrics/eval.json", out="models/registered.json")
+    args = stage_args(__doc__, argv, "data", "model_dir", "run_ref", "eval", "out")
     params = load_params(args.params)
     table = json.loads(args.eval.read_text())
     run_id = tracking.read_run_ref(args.run_ref)

@@ -10,7 +10,7 @@ import logging
 import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from .config import load_params
 from .runtime import run_stage, stage_args
@@ -143,31 +143,8 @@ def stored_test_images(data_dir: Path, keys: set[str]) -> dict[str, bytes]:
     return {k: img["bytes"] for k, img in zip(test["key"], test["image"]) if k in keys}
 
 
-def caption_panel(images: list[Image.Image], captions: list[str], references: list[str], width: int = 220) -> Image.Image:
-    """Images side by side with their generated caption (and the reference) written below each,
-    for `mlflow.log_image` during training."""
-    lines_per = 6
-    height = width + 14 * lines_per + 8
-    panel = Image.new("RGB", (width * len(images), height), "white")
-    draw = ImageDraw.Draw(panel)
-    for i, (image, caption, reference) in enumerate(zip(images, captions, references)):
-        panel.paste(image.convert("RGB").resize((width - 8, width - 8)), (i * width + 4, 4))
-        text = _wrap(f"> {caption}", 34)[:3] + _wrap(f"ref: {reference}", 34)[:3]
-        for j, line in enumerate(text):
-            draw.text((i * width + 6, width + 2 + 14 * j), line, fill="black" if j < 3 else "#666666")
-    return panel
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(text, width) or [""]
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = stage_args(__doc__, argv, data="data/prepared", run_ref="models/run.json",
-                      predictions="reports/predictions.jsonl", eval="metrics/eval.json", train="metrics/train.json",
-                      loss_curve="metrics/loss_curve.png", out="reports/report.html")
+    args = stage_args(__doc__, argv, "data", "run_ref", "predictions", "eval", "train", "loss_curve", "out")
     params = load_params(args.params)
     predictions = [json.loads(line) for line in args.predictions.read_text().splitlines() if line.strip()]
     gallery = select_gallery(predictions, params.report.gallery_items, params.seed)

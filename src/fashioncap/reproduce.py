@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import lineage
+from .tracking import mlflow_metrics
 from .runtime import FashioncapError
 
 log = logging.getLogger(__name__)
 
 # bf16 autocast and non-deterministic GPU kernels move metrics slightly between runs.
 GPU_RELATIVE_TOLERANCE = 0.02
-MODEL_OUT = "models/best"  # the output whose DVC digest identifies the trained weights
 STAGE_LINE = re.compile(r"Running stage '([\w-]+)'")
 STEP_LINE = re.compile(r"\bstep (\d+)/(\d+) loss")
 REPORT_EVERY_S = 10.0
@@ -45,7 +45,7 @@ class Target:
     what: str
     original: dict[str, float]
     tolerance: float
-    model_digest: str | None = None  # DVC's md5 of models/best when the result was made
+    model_digest: str | None = None  # DVC's md5 of the trained model when the result was made
 
 
 def git(args: list[str], cwd: Path, check: bool = True) -> str | None:
@@ -67,21 +67,29 @@ def exp_revision(repo: Path, name: str) -> str | None:
     return None
 
 
+# where revisions older than `paths.eval_metrics` in dvc.yaml kept them
+LEGACY_PATHS = {"model": "models/best", "eval_metrics": "metrics/eval.json"}
+
+
+def paths_at(repo: Path, revision: str) -> dict[str, str]:
+    """The pipeline's paths as dvc.yaml named them at a revision."""
+    return {**LEGACY_PATHS, **lineage.pipeline_paths(git(["show", f"{revision}:dvc.yaml"], repo, check=False) or "")}
+
+
 def model_digest_at(repo: Path, revision: str) -> str | None:
     """The md5 that dvc.lock recorded for the trained model at a revision."""
-    text = git(["show", f"{revision}:dvc.lock"], repo, check=False)
-    if not text:
+    text, model = git(["show", f"{revision}:dvc.lock"], repo, check=False), paths_at(repo, revision).get("model")
+    if not text or not model:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "dvc.lock").write_text(text)
-        return lineage.lock_digests(Path(tmp) / "dvc.lock").get(MODEL_OUT)
+        return lineage.lock_digests(Path(tmp) / "dvc.lock").get(model)
 
 
 def metrics_at(repo: Path, revision: str) -> dict[str, float]:
-    """The test metrics committed at a revision (metrics/eval.json), flattened as MLflow names them."""
-    from .evaluate import mlflow_metrics
-
-    text = git(["show", f"{revision}:metrics/eval.json"], repo, check=False)
+    """The test metrics committed at a revision, flattened as MLflow names them."""
+    path = paths_at(repo, revision).get("eval_metrics")
+    text = git(["show", f"{revision}:{path}"], repo, check=False) if path else None
     return mlflow_metrics(json.loads(text)) if text else {}
 
 
@@ -194,8 +202,6 @@ def _dvc_with_progress(args: list[str], cwd: Path, env: dict) -> tuple[int, str]
 
 def rerun(repo: Path, revision: str, keep: bool) -> tuple[dict[str, float], str | None, Path]:
     """Checks the revision out in a temporary worktree, fetches or rebuilds the data, re-trains, re-evaluates."""
-    from .evaluate import mlflow_metrics
-
     worktree = Path(tempfile.mkdtemp(prefix="fashioncap-reproduce-")) / "repo"
     git(["worktree", "add", "--detach", str(worktree), revision], repo)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(worktree / "src"), os.environ.get("PYTHONPATH")]))}
@@ -215,8 +221,9 @@ def rerun(repo: Path, revision: str, keep: bool) -> tuple[dict[str, float], str 
         code, output = _dvc_with_progress(["repro", "--force", "--single-item", "train", "evaluate"], worktree, env)
         if code != 0:
             raise ReproduceError("re-running the pipeline failed:\n" + output.strip()[-2000:])
-        metrics = mlflow_metrics(json.loads((worktree / "metrics" / "eval.json").read_text()))
-        return metrics, lineage.lock_digests(worktree / "dvc.lock").get(MODEL_OUT), worktree
+        paths = {**LEGACY_PATHS, **lineage.pipeline_paths((worktree / "dvc.yaml").read_text())}
+        metrics = mlflow_metrics(json.loads((worktree / paths["eval_metrics"]).read_text()))
+        return metrics, lineage.lock_digests(worktree / "dvc.lock").get(paths["model"]), worktree
     finally:
         if not keep:
             git(["worktree", "remove", "--force", str(worktree)], repo, check=False)

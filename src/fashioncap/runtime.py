@@ -47,12 +47,13 @@ def project_root() -> Path:
     return here
 
 
-def stage_args(doc: str | None, argv: list[str] | None, **paths: str) -> argparse.Namespace:
-    """Parses a stage's command line: --params, and one --<name> option per path (values are Paths)."""
+def stage_args(doc: str | None, argv: list[str] | None, *paths: str) -> argparse.Namespace:
+    """Parses a stage's command line: --params, and one required --<name> option per path (values are
+    Paths). Paths have no defaults: dvc.yaml names each once and passes it, so the two cannot disagree."""
     parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    for name, default in paths.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=Path, default=Path(default))
+    for name in paths:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=Path, required=True)
     return parser.parse_args(argv)
 
 

@@ -88,3 +88,17 @@ def write_run_ref(path: Path, run_id: str, experiment: str) -> None:
 def read_run_ref(path: Path) -> str:
     """The run id recorded by the train stage."""
     return json.loads(path.read_text())["run_id"]
+
+
+def mlflow_metrics(table: dict) -> dict[str, float]:
+    """Flat metric names for MLflow: test_<when>_<metric>, e.g. test_after_cider_d."""
+    out = {}
+    for when in ("before", "after", "before_novel", "after_novel"):
+        for name, value in table.get(when, {}).items():
+            out[f"test_{when}_{name}"] = value
+    out["test_exact_match_after"] = table["exact_match_after"]
+    for category, scores in table.get("per_category", {}).items():
+        for when in ("before", "after"):
+            for name in ("cider_d", "bleu_4"):
+                out[f"category/{category}/test_{when}_{name}"] = scores[when][name]
+    return out

@@ -15,9 +15,8 @@ from .config import Params, TrainParams, load_params
 from .data import TOKEN_LENGTHS, DataSourceError
 from .metrics import caption_scores
 from .modeling import Collator, apply_memory_options, build_processor, caption_all, initial_model, save_model
-from .report import caption_panel
 from .runtime import FashioncapError, progress, run_stage, stage_args
-from . import checkpoint, disk, lineage, tracking
+from . import checkpoint, disk, lineage, plots, tracking
 
 log = logging.getLogger(__name__)
 ETA_STEPS = 3  # optimizer steps timed (after the first, which warms up) before the ETA is announced
@@ -77,12 +76,15 @@ def _duration(seconds: float) -> str:
 
 @dataclass
 class Outputs:
+    """Where the stage writes, as dvc.yaml names it."""
+
     model_dir: Path
     run_ref: Path
     metrics: Path
     train_log: Path
     val_log: Path
     checkpoint_dir: Path
+    loss_curve: Path
 
 
 @dataclass
@@ -191,26 +193,6 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def loss_curve(train_log: list[dict], val_log: list[dict], path: Path, label_smoothing: float = 0.0) -> None:
-    """Draws the training loss and validation loss against steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in train_log], [r["loss"] for r in train_log], label="train loss", lw=0.8)
-    ax.plot([r["step"] for r in val_log], [r["val_loss"] for r in val_log], "o-", label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"loss (cross-entropy, label smoothing {label_smoothing:g})" if label_smoothing else "cross-entropy")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     """Runs the whole fine-tuning and returns its summary; writes the best checkpoint and logs."""
     import datasets
@@ -270,11 +252,13 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     tracker = BestTracker(cfg.metric, cfg.patience)
     train_log: list[dict] = []
     pending: list[tuple[int, torch.Tensor, float]] = []
+    window: list[torch.Tensor] = []  # the micro-batch losses of the optimizer step under way
     step = consumed = 0  # optimizer steps done, micro-batches drawn
     fp = checkpoint.fingerprint(params.model_dump(), lineage.dataset_digest(data_dir), accelerator.num_processes)
     # the run's state and its best model so far live under checkpoint_dir until training ends
     state_dir, best_dir = out.checkpoint_dir / "state", out.checkpoint_dir / "best"
     resumed = checkpoint.load(state_dir, fp)
+    checkpoint.recover(best_dir)
     accelerator.wait_for_everyone()  # every process has read the checkpoint before one may discard it
     if resumed is None:
         if accelerator.is_main_process:
@@ -313,6 +297,7 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
         with accelerator.accumulate(model):
             loss = model(**next(batches)).loss
             consumed += 1
+            window.append(loss.detach())
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
@@ -333,7 +318,9 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
             if run is not None:
                 mlflow.log_metric("seconds_per_step", pace, step=step)
                 mlflow.set_tag("eta", message)
-        pending.append((step, loss.detach(), scheduler.get_last_lr()[0]))  # the lr this step used
+        # the step's loss is the mean over its accumulation window; the lr is the one this step used
+        pending.append((step, torch.stack(window).float().mean(), scheduler.get_last_lr()[0]))
+        window.clear()
         scheduler.step()
         if step % cfg.log_every == 0 or step == cfg.max_steps or step % cfg.checkpoint_every == 0:
             # one collective and one device sync for several steps: the mean loss over all processes
@@ -395,7 +382,7 @@ def log_samples(rows: list[dict], captions: list[str], step: int) -> None:
     import mlflow
 
     if rows:
-        panel = caption_panel([r["image"] for r in rows], captions[: len(rows)], [r["caption"] for r in rows])
+        panel = plots.caption_panel([r["image"] for r in rows], captions[: len(rows)], [r["caption"] for r in rows])
         mlflow.log_image(panel, key="val_captions", step=step, synchronous=False)
 
 
@@ -407,8 +394,9 @@ def _finish(summary: dict, train_log: list[dict], val_log: list[dict], out: Outp
     out.metrics.write_text(json.dumps(summary, indent=2) + "\n")
     write_csv(out.train_log, train_log)
     write_csv(out.val_log, val_log)
-    curve = out.metrics.parent / "loss_curve.png"
-    loss_curve(train_log, val_log, curve, label_smoothing)
+    curve = out.loss_curve
+    curve.parent.mkdir(parents=True, exist_ok=True)
+    plots.loss_curve(train_log, val_log, curve, label_smoothing)
     mlflow.log_metrics({"best_step": summary["best_step"], "train_samples_per_second": summary["samples_per_second"],
                         "train_seconds": summary["train_seconds"]})
     mlflow.set_tag("stop_reason", summary["stop_reason"])
@@ -421,11 +409,11 @@ def _finish(summary: dict, train_log: list[dict], val_log: list[dict], out: Outp
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_args(__doc__, argv, data="data/prepared", model_dir="models/best", run_ref="models/run.json",
-                      metrics="metrics/train.json", train_log="metrics/train_log.csv", val_log="metrics/val_log.csv",
-                      checkpoint_dir="checkpoints/train")
+    args = stage_args(__doc__, argv, "data", "model_dir", "run_ref", "checkpoint_dir", "metrics", "train_log",
+                      "val_log", "loss_curve")
     params = load_params(args.params)
-    out = Outputs(args.model_dir, args.run_ref, args.metrics, args.train_log, args.val_log, args.checkpoint_dir)
+    out = Outputs(args.model_dir, args.run_ref, args.metrics, args.train_log, args.val_log, args.checkpoint_dir,
+                  args.loss_curve)
     try:
         train(params, args.data, out)
     except BaseException as error:

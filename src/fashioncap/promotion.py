@@ -60,7 +60,7 @@ def get_version(client, name: str, version: str | None):
         raise RegistryError(f"model '{name}' has no version {version}") from None
 
 
-def decide(candidate: Version, champion: Version | None, force: bool) -> str | None:
+def refusal(candidate: Version, champion: Version | None, force: bool) -> str | None:
     """Why the candidate must not replace the champion, or None when it may."""
     if champion is None or force:
         return None
@@ -88,7 +88,7 @@ def promote(client, name: str, version: str | None = None, force: bool = False) 
     champion = alias_version(client, name, CHAMPION)
     if champion is not None and str(champion.version) == str(target.version):
         raise RegistryError(f"version {target.version} is already the {CHAMPION}")
-    reason = decide(Version.of(target), Version.of(champion) if champion is not None else None, force)
+    reason = refusal(Version.of(target), Version.of(champion) if champion is not None else None, force)
     if reason:
         raise RegistryError(reason)
     moved = []
