@@ -5,21 +5,14 @@ last, one JSON object."""
 from __future__ import annotations
 
 import json
-import os
 
 import torch
+
+from fashioncap.runtime import gpu_peak_tflops
 
 from .common import machine
 from .train_step import measure
 
-# dense bf16 tensor-core peaks, TFLOP/s; PEAK_TFLOPS overrides for other cards
-PEAKS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
-
-
-def peak_tflops(name: str) -> float | None:
-    if os.environ.get("PEAK_TFLOPS"):
-        return float(os.environ["PEAK_TFLOPS"])
-    return next((v for k, v in PEAKS.items() if k in name), None)
 
 
 def main() -> None:
@@ -27,7 +20,7 @@ def main() -> None:
         raise SystemExit("no CUDA device: benchmarks/gpu.sh is for a machine with an NVIDIA GPU")
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32: the original recipe's numbers
     name = torch.cuda.get_device_name(0)
-    peak = peak_tflops(name)
+    peak = gpu_peak_tflops(name)
     rows = []
     for batch in (8, 32):
         bf16 = measure("base", batch, repeats=10, precision="bf16", flops=True)

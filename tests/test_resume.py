@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fashioncap import checkpoint
 from tests.conftest import train_command
@@ -61,6 +62,12 @@ def test_killed_training_resumes_to_bit_identical_results(tmp_path, long_params,
         assert (crashed / name).read_text() == (straight / name).read_text(), name
     a, b = (json.loads((d / "train.json").read_text()) for d in (straight, crashed))
     assert (a["steps"], a["best_step"], a["best_value"]) == (b["steps"], b["best_step"], b["best_value"])
+    # throughput counts the steps the resumed process ran, not the ones before the crash
+    import re
+
+    resumed_at = int(re.search(r"resuming from the checkpoint of step (\d+)", (crashed / "stderr.log").read_text()).group(1))
+    batch = yaml.safe_load(long_params.read_text())["train"]["batch_size"]
+    assert b["samples_per_second"] * b["train_seconds"] == pytest.approx((40 - resumed_at) * batch, rel=0.05)
     assert (crashed / "best/model.safetensors").read_bytes() == (straight / "best/model.safetensors").read_bytes()
     assert not (crashed / "ckpt").exists()
 

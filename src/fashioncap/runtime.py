@@ -47,6 +47,17 @@ def project_root() -> Path:
     return here
 
 
+# dense bf16 tensor-core peaks, TFLOP/s, for model FLOPs utilisation; PEAK_TFLOPS overrides for other cards
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+
+
+def gpu_peak_tflops(name: str) -> float | None:
+    """The card's dense bf16 peak (PEAK_TFLOPS in the environment wins), or None when unknown."""
+    if os.environ.get("PEAK_TFLOPS"):
+        return float(os.environ["PEAK_TFLOPS"])
+    return next((v for k, v in GPU_PEAK_TFLOPS.items() if k in name), None)
+
+
 def stage_args(doc: str | None, argv: list[str] | None, *paths: str) -> argparse.Namespace:
     """Parses a stage's command line: --params, and one required --<name> option per path (values are
     Paths). Paths have no defaults: dvc.yaml names each once and passes it, so the two cannot disagree."""

@@ -193,16 +193,58 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+@dataclass
+class Job:
+    """What training works with, built once: the Accelerate-wrapped model, optimiser and data."""
+
+    params: Params
+    accelerator: object
+    model: object
+    processor: object
+    optimizer: object
+    scheduler: object
+    loader: object
+    sampler: checkpoint.EpochSampler
+    collate: Collator
+    val_rows: list[dict]
+    batches_per_epoch: int
+    parameters: int
+    trainable: int
+
+
+@dataclass
+class RunState:
+    """Where training stands: what a checkpoint saves and a resume restores, plus the MLflow run."""
+
+    tracker: BestTracker
+    fingerprint: str
+    step: int = 0  # optimizer steps done
+    consumed: int = 0  # micro-batches drawn
+    train_log: list[dict] = field(default_factory=list)
+    run: object = None
+
+
 def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     """Runs the whole fine-tuning and returns its summary; writes the best checkpoint and logs."""
-    import datasets
-    import mlflow
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, gather_object, set_seed
-
-    cfg = params.train
     check_device(params, torch.cuda.is_available())  # seconds after start, before anything heavy loads
     lengths = check_caption_lengths(params, data_dir)
+    job = build(params, data_dir)
+    preflight(job, out, lengths)
+    state, rng = resume_or_start(job, data_dir, out, lengths)
+    batches = batches_from(job, state.consumed)
+    if rng is not None:
+        checkpoint.set_rng_state(rng)  # last: nothing may draw from the RNGs after this
+    stop_reason, pace = loop(job, state, batches, out)
+    return finish(job, state, out, stop_reason, pace, lengths)
+
+
+def build(params: Params, data_dir: Path) -> Job:
+    """Data, model, optimiser and scheduler, prepared by Accelerate; seeded so a re-run is bit-identical."""
+    import datasets
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+
+    cfg = params.train
     dataset = datasets.load_from_disk(str(data_dir))
     processor = build_processor(params.model, dataset["train"]["caption"])
     model = apply_memory_options(initial_model(params.model, processor, params.seed), cfg.freeze_vision,
@@ -237,67 +279,90 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     scheduler = make_scheduler(optimizer, cfg)
     # the scheduler stays unwrapped: it counts optimizer steps, whatever the number of processes
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    n_params = sum(p.numel() for p in model.parameters())
-    if accelerator.is_main_process:
-        disk.require(out.checkpoint_dir.parent, disk.training_bytes(
-            n_params, sum(p.numel() for p in model.parameters() if p.requires_grad), cfg.checkpoint_every < cfg.max_steps),
-            f"training {n_params / 1e6:.2f}M parameters (best model and full-state checkpoints)")
+    log.info("training %.2fM parameters on %s x %d (%s), %d train items, batch %d x %d accumulation",
+             sum(p.numel() for p in model.parameters()) / 1e6, accelerator.device, accelerator.num_processes,
+             accelerator.mixed_precision, len(dataset["train"]), cfg.batch_size, cfg.grad_accum_steps)
+    return Job(params, accelerator, model, processor, optimizer, scheduler, loader, sampler, collate, val_rows,
+               batches_per_epoch, sum(p.numel() for p in model.parameters()),
+               sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def preflight(job: Job, out: Outputs, lengths: dict) -> None:
+    """Stops before the first step when the disk cannot hold the best model and the checkpoints."""
+    cfg = job.params.train
+    if job.accelerator.is_main_process:
+        disk.require(out.checkpoint_dir.parent,
+                     disk.training_bytes(job.parameters, job.trainable, cfg.checkpoint_every < cfg.max_steps),
+                     f"training {job.parameters / 1e6:.2f}M parameters (best model and full-state checkpoints)")
     if lengths:
         log.info("captions up to %d tokens (p99 %d, max %d): %.2f%% of them are cut", lengths["limit"],
                  lengths["p99"], lengths["max"], 100 * lengths["truncated_fraction"])
-    log.info("training %.2fM parameters on %s x %d (%s), %d train items, batch %d x %d accumulation",
-             n_params / 1e6, accelerator.device, accelerator.num_processes, accelerator.mixed_precision,
-             len(dataset["train"]), cfg.batch_size, cfg.grad_accum_steps)
 
-    tracker = BestTracker(cfg.metric, cfg.patience)
-    train_log: list[dict] = []
-    pending: list[tuple[int, torch.Tensor, float]] = []
-    window: list[torch.Tensor] = []  # the micro-batch losses of the optimizer step under way
-    step = consumed = 0  # optimizer steps done, micro-batches drawn
+
+def resume_or_start(job: Job, data_dir: Path, out: Outputs, lengths: dict) -> tuple[RunState, dict | None]:
+    """All of resuming in one place: the checkpoint of this very run (same params, data and process
+    count) restores weights, optimiser, scheduler, position and bookkeeping into the same MLflow run;
+    without one, a new run starts. Returns the state and this process's RNG state to restore last."""
+    import mlflow
+
+    params, accelerator = job.params, job.accelerator
+    cfg = params.train
     fp = checkpoint.fingerprint(params.model_dump(), lineage.dataset_digest(data_dir), accelerator.num_processes)
-    # the run's state and its best model so far live under checkpoint_dir until training ends
-    state_dir, best_dir = out.checkpoint_dir / "state", out.checkpoint_dir / "best"
-    resumed = checkpoint.load(state_dir, fp)
-    checkpoint.recover(best_dir)
+    state = RunState(BestTracker(cfg.metric, cfg.patience), fp)
+    resumed = checkpoint.load(out.checkpoint_dir / "state", fp)
+    checkpoint.recover(out.checkpoint_dir / "best")
     accelerator.wait_for_everyone()  # every process has read the checkpoint before one may discard it
+    rng = None
     if resumed is None:
         if accelerator.is_main_process:
             checkpoint.discard(out.checkpoint_dir)  # another run's leftovers
     else:
         tensors, meta = resumed
-        accelerator.unwrap_model(model).load_state_dict(tensors["model"])
-        optimizer.load_state_dict(tensors["optimizer"])
-        scheduler.load_state_dict(tensors["scheduler"])
-        step, consumed, train_log = meta["step"], meta["consumed"], meta["train_log"]
-        tracker = BestTracker(cfg.metric, cfg.patience, **meta["tracker"])
-        log.info("resuming from the checkpoint of step %d", step)
-    run = None
+        accelerator.unwrap_model(job.model).load_state_dict(tensors["model"])
+        job.optimizer.load_state_dict(tensors["optimizer"])
+        job.scheduler.load_state_dict(tensors["scheduler"])
+        state.step, state.consumed, state.train_log = meta["step"], meta["consumed"], meta["train_log"]
+        state.tracker = BestTracker(cfg.metric, cfg.patience, **meta["tracker"])
+        rng = tensors["rng"][accelerator.process_index]
+        log.info("resuming from the checkpoint of step %d", state.step)
     if accelerator.is_main_process:
         if resumed is not None:  # the same MLflow run goes on
-            run = tracking.resume_run(resumed[1]["run_id"], system_metrics=True)
+            state.run = tracking.resume_run(resumed[1]["run_id"], system_metrics=True)
         else:
-            run = tracking.start_run(params, {"device": accelerator.device.type,
-                                              "mixed_precision": accelerator.mixed_precision})
+            state.run = tracking.start_run(params, {"device": accelerator.device.type,
+                                                    "mixed_precision": accelerator.mixed_precision})
             mlflow.set_tag("data.digest", tracking.log_dataset(data_dir, context="train"))
             if lengths:
                 mlflow.log_metrics({"caption_tokens_p99": lengths["p99"],
                                     "caption_truncated_fraction": lengths["truncated_fraction"]})
-        tracking.write_run_ref(out.run_ref, run.info.run_id, params.tracking.experiment)
-    stop_reason, started, first_step = f"reached train.max_steps ({cfg.max_steps})", time.perf_counter(), step
-    warm = started  # when the first step of this process ended
-    epoch, offset = divmod(consumed, batches_per_epoch)
-    sampler.start = offset * cfg.batch_size
-    batches = forever(loader, sampler, epoch)
-    if resumed is not None:  # last: nothing may draw from the RNGs after this
-        checkpoint.set_rng_state(resumed[0]["rng"][accelerator.process_index])
-    bar = progress(total=cfg.max_steps, initial=step, desc="train", unit="step",
+        tracking.write_run_ref(out.run_ref, state.run.info.run_id, params.tracking.experiment)
+    return state, rng
+
+
+def batches_from(job: Job, consumed: int):
+    """The training batches from the position `consumed` micro-batches in, epoch after epoch."""
+    epoch, offset = divmod(consumed, job.batches_per_epoch)
+    job.sampler.start = offset * job.params.train.batch_size
+    return forever(job.loader, job.sampler, epoch)
+
+
+def loop(job: Job, state: RunState, batches, out: Outputs) -> tuple[str, "Pace"]:
+    """The training loop, one optimizer step per turn; returns why it stopped and its timing."""
+    cfg, accelerator, model, optimizer = job.params.train, job.accelerator, job.model, job.optimizer
+    pace = Pace(state.step, job.params, job.accelerator, model)
+    pending: list[tuple[int, torch.Tensor, float]] = []  # steps not logged yet: one device sync per log interval
+    window: list[torch.Tensor] = []  # the micro-batch losses of the optimizer step under way
+    bar = progress(total=cfg.max_steps, initial=state.step, desc="train", unit="step",
                    quiet=not accelerator.is_local_main_process)
+    stop_reason = f"reached train.max_steps ({cfg.max_steps})"
     model.train()
-    while step < cfg.max_steps:
+    while state.step < cfg.max_steps:
         with accelerator.accumulate(model):
-            loss = model(**next(batches)).loss
-            consumed += 1
+            batch = next(batches)
+            loss = model(**batch).loss
+            state.consumed += 1
             window.append(loss.detach())
+            pace.count(batch)
             accelerator.backward(loss)
             if accelerator.sync_gradients:
                 accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
@@ -305,76 +370,154 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
             optimizer.zero_grad(set_to_none=True)
         if not accelerator.sync_gradients:
             continue
-        step += 1
+        state.step += 1
         bar.update()
-        if step == first_step + 1:
-            warm = time.perf_counter()
-        if step == min(first_step + 1 + ETA_STEPS, cfg.max_steps) and accelerator.is_main_process:
-            # the first step warms up (allocations, kernel selection): the pace is timed after it if it can be
-            now = time.perf_counter()
-            pace = (now - warm) / (step - first_step - 1) if step > first_step + 1 else now - started
-            message = eta_message(pace, step, cfg.max_steps, cfg.eval_every)
-            log.info("ETA: %s", message)
-            if run is not None:
-                mlflow.log_metric("seconds_per_step", pace, step=step)
-                mlflow.set_tag("eta", message)
+        pace.stepped(state.step, state.run)
         # the step's loss is the mean over its accumulation window; the lr is the one this step used
-        pending.append((step, torch.stack(window).float().mean(), scheduler.get_last_lr()[0]))
+        pending.append((state.step, torch.stack(window).float().mean(), job.scheduler.get_last_lr()[0]))
         window.clear()
-        scheduler.step()
+        job.scheduler.step()
+        step = state.step
         if step % cfg.log_every == 0 or step == cfg.max_steps or step % cfg.checkpoint_every == 0:
-            # one collective and one device sync for several steps: the mean loss over all processes
-            losses = accelerator.reduce(torch.stack([l.float() for _, l, _ in pending]), "mean").tolist()
-            rows = [{"step": s, "loss": l, "lr": lr} for (s, _, lr), l in zip(pending, losses)]
-            pending.clear()
-            train_log.extend(rows)
-            if run is not None:
-                for r in rows:
-                    mlflow.log_metrics({"train_loss": r["loss"], "lr": r["lr"]}, step=r["step"], synchronous=False)
-            log.info("step %d/%d loss %.4f lr %.2e", step, cfg.max_steps, rows[-1]["loss"], rows[-1]["lr"])
+            log_losses(job, state, pending, pace)
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            values, captions = validate(accelerator.unwrap_model(model), processor, val_rows, collate, params,
-                                        accelerator)
-            improved = tracker.update(step, values)
-            if run is not None:
-                mlflow.log_metrics(values, step=step)
-                log_samples(val_rows[: cfg.sample_images], captions, step)
-            log.info("step %d validation %s%s", step, {k: round(v, 4) for k, v in values.items()},
-                     " (best so far)" if improved else "")
-            accelerator.wait_for_everyone()
-            if improved and accelerator.is_main_process:
-                save_best(accelerator.unwrap_model(model), processor, best_dir, params)
-            if tracker.exhausted:
+            evaluate_and_keep_best(job, state, out)
+            if state.tracker.exhausted:
                 stop_reason = f"early stopping: {cfg.metric} did not improve for {cfg.patience} evaluations"
                 break
         if step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-            rngs = gather_object([checkpoint.rng_state()])  # every process's RNGs, in process order
-            if accelerator.is_main_process:
-                mlflow.flush_async_logging()  # what the checkpoint has done is in MLflow before it counts
-                state = {"model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
-                         "scheduler": scheduler.state_dict(), "rng": rngs}
-                checkpoint.save(state_dir, state, {
-                    "fingerprint": fp, "step": step, "consumed": consumed, "train_log": train_log,
-                    "run_id": run.info.run_id, "tracker": tracker.state()})
+            save_checkpoint(job, state, out)
     bar.close()
-    seconds = time.perf_counter() - started
+    return stop_reason, pace
+
+
+def log_losses(job: Job, state: RunState, pending: list, pace: "Pace") -> None:
+    """The pending steps' losses (mean over processes: one collective), lr and throughput, to the log and MLflow."""
+    import mlflow
+
+    losses = job.accelerator.reduce(torch.stack([l.float() for _, l, _ in pending]), "mean").tolist()
+    rows = [{"step": s, "loss": l, "lr": lr} for (s, _, lr), l in zip(pending, losses)]
+    pending.clear()
+    state.train_log.extend(rows)
+    speed = pace.interval(state.step)
+    if state.run is not None:
+        for r in rows:
+            mlflow.log_metrics({"train_loss": r["loss"], "lr": r["lr"]}, step=r["step"], synchronous=False)
+        mlflow.log_metrics(speed, step=state.step, synchronous=False)
+    log.info("step %d/%d loss %.4f lr %.2e | %s", state.step, job.params.train.max_steps, rows[-1]["loss"],
+             rows[-1]["lr"], ", ".join(f"{k} {v:.3g}" for k, v in speed.items()))
+
+
+def evaluate_and_keep_best(job: Job, state: RunState, out: Outputs) -> None:
+    """Validation loss and CIDEr-D; an improvement becomes the best model (saved atomically)."""
+    import mlflow
+
+    accelerator, params = job.accelerator, job.params
+    values, captions = validate(accelerator.unwrap_model(job.model), job.processor, job.val_rows, job.collate,
+                                params, accelerator)
+    improved = state.tracker.update(state.step, values)
+    if state.run is not None:
+        mlflow.log_metrics(values, step=state.step)
+        log_samples(job.val_rows[: params.train.sample_images], captions, state.step)
+    log.info("step %d validation %s%s", state.step, {k: round(v, 4) for k, v in values.items()},
+             " (best so far)" if improved else "")
+    accelerator.wait_for_everyone()
+    if improved and accelerator.is_main_process:
+        save_best(accelerator.unwrap_model(job.model), job.processor, out.checkpoint_dir / "best", params)
+
+
+def save_checkpoint(job: Job, state: RunState, out: Outputs) -> None:
+    """The full training state, every process's RNGs included, written atomically by the main process."""
+    import mlflow
+    from accelerate.utils import gather_object
+
+    rngs = gather_object([checkpoint.rng_state()])  # every process's RNGs, in process order
+    if job.accelerator.is_main_process:
+        mlflow.flush_async_logging()  # what the checkpoint has done is in MLflow before it counts
+        tensors = {"model": job.accelerator.unwrap_model(job.model).state_dict(),
+                   "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(), "rng": rngs}
+        checkpoint.save(out.checkpoint_dir / "state", tensors, {
+            "fingerprint": state.fingerprint, "step": state.step, "consumed": state.consumed,
+            "train_log": state.train_log, "run_id": state.run.info.run_id, "tracker": state.tracker.state()})
+
+
+def finish(job: Job, state: RunState, out: Outputs, stop_reason: str, pace: "Pace", lengths: dict) -> dict:
+    """The summary; the best model moved into place, metrics and plots written, the checkpoint discarded."""
+    cfg, accelerator, seconds = job.params.train, job.accelerator, pace.seconds()
     summary = {
-        "steps": step, "best_step": tracker.best_step, "best_metric": cfg.metric, "best_value": tracker.best,
-        "stop_reason": stop_reason, "train_seconds": round(seconds, 1),
-        # the steps of this process only: after a resume, the earlier ones ran before `started`
-        "samples_per_second": round((step - first_step) * cfg.batch_size * cfg.grad_accum_steps / seconds, 2),
-        "parameters": n_params, "processes": accelerator.num_processes,
+        "steps": state.step, "best_step": state.tracker.best_step, "best_metric": cfg.metric,
+        "best_value": state.tracker.best, "stop_reason": stop_reason, "train_seconds": round(seconds, 1),
+        # the steps of this process only: after a resume, the earlier ones ran before it started
+        "samples_per_second": round((state.step - pace.first_step) * cfg.batch_size * cfg.grad_accum_steps / seconds, 2),
+        "parameters": job.parameters, "processes": accelerator.num_processes,
         **({"caption_truncated_fraction": round(lengths["truncated_fraction"], 5)} if lengths else {}),
         **({"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
            if torch.cuda.is_available() else {}),
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        checkpoint.swap_in(best_dir, out.model_dir)  # a rename: the output appears whole or not at all
-        _finish(summary, train_log, tracker.history, out, params.model.label_smoothing)
+        checkpoint.swap_in(out.checkpoint_dir / "best", out.model_dir)  # a rename: the output appears whole or not at all
+        _finish(summary, state.train_log, state.tracker.history, out, job.params.model.label_smoothing)
         checkpoint.discard(out.checkpoint_dir)  # finished: the next run starts afresh
     accelerator.end_training()
     return summary
+
+
+class Pace:
+    """Times the run: the ETA once the first steps are done, and over each log interval the samples/s,
+    text tokens/s and, on a GPU whose peak is known, the model FLOPs utilisation (nanoGPT's estimate:
+    6 FLOPs per parameter per token trained, 2 through a frozen vision encoder, attention left out)."""
+
+    def __init__(self, first_step: int, params: Params, accelerator, model):
+        from .runtime import gpu_peak_tflops
+
+        self.first_step, self.params, self.processes = first_step, params, accelerator.num_processes
+        self.started = self.warm = self.mark = time.perf_counter()
+        self.mark_step, self.tokens = first_step, None
+        inner = accelerator.unwrap_model(model)
+        vision = inner.config.vision_config
+        self.vision_flops = ((2 if params.train.freeze_vision else 6) * sum(p.numel() for p in inner.vision_model.parameters())
+                             * ((vision.image_size // vision.patch_size) ** 2 + 1))
+        self.text_flops = 6 * sum(p.numel() for p in inner.text_decoder.parameters())
+        self.peak = gpu_peak_tflops(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+
+    def count(self, batch: dict) -> None:
+        """Adds a micro-batch's text tokens, on the device: read once per log interval, no sync per step."""
+        tokens = batch["attention_mask"].sum()
+        self.tokens = tokens if self.tokens is None else self.tokens + tokens
+
+    def stepped(self, step: int, run) -> None:
+        """After an optimizer step: announces the ETA once, timed after the first (warm-up) step."""
+        cfg = self.params.train
+        if step == self.first_step + 1:
+            self.warm = time.perf_counter()
+        if step != min(self.first_step + 1 + ETA_STEPS, cfg.max_steps) or run is None:
+            return
+        import mlflow
+
+        now = time.perf_counter()
+        pace = (now - self.warm) / (step - self.first_step - 1) if step > self.first_step + 1 else now - self.started
+        message = eta_message(pace, step, cfg.max_steps, cfg.eval_every)
+        log.info("ETA: %s", message)
+        mlflow.log_metric("seconds_per_step", pace, step=step)
+        mlflow.set_tag("eta", message)
+
+    def interval(self, step: int) -> dict[str, float]:
+        """Throughput since the last call (validation and checkpoints included: it is wall time)."""
+        cfg = self.params.train
+        now = time.perf_counter()
+        seconds, steps = max(now - self.mark, 1e-9), step - self.mark_step
+        tokens = int(self.tokens.item()) * self.processes if self.tokens is not None else 0
+        samples = steps * cfg.batch_size * cfg.grad_accum_steps
+        speed = {"samples_per_second": samples / seconds, "tokens_per_second": tokens / seconds}
+        if self.peak:
+            flops = self.vision_flops * samples + self.text_flops * tokens
+            speed["mfu"] = flops / seconds / (self.peak * 1e12)
+        self.mark, self.mark_step, self.tokens = now, step, None
+        return speed
+
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started
 
 
 def log_samples(rows: list[dict], captions: list[str], step: int) -> None:
