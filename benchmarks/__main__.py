@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--quick] [--only NAME ...]`: every benchmark beside its baseline, a table, and
+"""`python -m benchmarks [--quick | --smoke] [--only NAME ...]`: every benchmark beside its baseline, a table, and
 as the last line one JSON object with every figure and ratio."""
 
 from __future__ import annotations
@@ -39,7 +39,10 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller settings (< 5 min on 2 CPU cores)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer repeats and smaller settings (< 5 min on 2 CPU cores)")
+    size.add_argument("--smoke", action="store_true", help="the cheapest settings: proves every benchmark runs "
+                      "(what the test suite runs); its figures are not for quoting")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these benchmarks")
     args = parser.parse_args()
     from fashioncap.runtime import configure_environment
@@ -47,16 +50,17 @@ def main() -> None:
     configure_environment()
     os.environ.setdefault("FASHIONCAP_LOG", "WARNING")
     logging.basicConfig(level=logging.WARNING)
+    level = "smoke" if args.smoke else "quick" if args.quick else "full"
     rows, seconds = [], {}
     for name in args.only or BENCHMARKS:
         started = time.perf_counter()
         module = importlib.import_module(f"benchmarks.{BENCHMARKS[name]}")
-        results = module.run(args.quick)
+        results = module.run(level)
         seconds[name] = round(time.perf_counter() - started, 1)
         rows.extend(r.as_dict() for r in results)
         print(f"# {name}: {seconds[name]} s", flush=True)
     print(table(rows))
-    print(json.dumps({"machine": machine(), "quick": args.quick, "seconds": seconds, "results": rows}))
+    print(json.dumps({"machine": machine(), "level": level, "seconds": seconds, "results": rows}))
 
 
 if __name__ == "__main__":

@@ -26,14 +26,14 @@ def measure(size: str, n_images: int, beams: int, repeats: int) -> dict:
             "max_new_tokens": params.generate.max_new_tokens}
 
 
-def run(quick: bool) -> list[Result]:
+def run(level: str) -> list[Result]:
     results = []
-    n = 16 if quick else 64
+    n = {"full": 64, "quick": 16, "smoke": 4}[level]
     settings = [("offline", n, 1), ("offline", n, 3)]
-    if not quick:
+    if level == "full":
         settings += [("base", 8, 1), ("base", 8, 3)]
     for size, n, beams in settings:
-        m = measure(size, n, beams, repeats=2 if quick else 3 if size == "base" else 5)
+        m = measure(size, n, beams, repeats={"smoke": 1, "quick": 2}.get(level, 3 if size == "base" else 5))
         name = "BLIP-base" if size == "base" else "offline BLIP"
         mode = "greedy" if beams == 1 else f"{beams} beams"
         results.append(Result("caption generation", f"{name}, {n} images, {mode}, batch {min(n, m['batch_size'])}",

@@ -63,13 +63,13 @@ def measure(batch: int, freeze_vision: bool, checkpointing: bool, steps: int) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool) -> list[Result]:
-    batch, steps = (2, 1) if quick else (8, 2)
+def run(level: str) -> list[Result]:
+    batch, steps = {"full": (8, 2), "quick": (2, 1), "smoke": (1, 1)}[level]
     plain = measure(batch, False, False, steps)
     results = []
     for label, freeze, ckpt in (("gradient checkpointing", False, True), ("frozen vision encoder", True, False),
                                 ("both", True, True)):
-        if quick and label != "both":
+        if level != "full" and label != "both":
             continue
         m = measure(batch, freeze, ckpt, steps)
         results.append(Result("memory", f"BLIP-base train step, batch {batch}, {label}", "MiB peak RSS",

@@ -22,7 +22,7 @@ def _sh(args: list[str], cwd: Path) -> None:
         raise RuntimeError(f"{' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
 
 
-def run(quick: bool) -> list[Result]:
+def run(level: str) -> list[Result]:
     from tests.conftest import TINY_OVERRIDES  # the test suite's tiny offline config: seconds, not minutes
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -30,7 +30,7 @@ def run(quick: bool) -> list[Result]:
         _sh(["git", "clone", "-q", "--no-hardlinks", str(REPO), str(clone)], Path(tmp))
         _sh(["dvc", "exp", "run", *[a for o in TINY_OVERRIDES for a in ("-S", o)]], clone)
         times = []
-        for _ in range(3 if quick else 10):
+        for _ in range({"full": 10, "quick": 3, "smoke": 1}[level]):
             started = time.perf_counter()
             _sh(["dvc", "repro"], clone)
             times.append(time.perf_counter() - started)

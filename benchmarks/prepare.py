@@ -20,10 +20,10 @@ def photo_folder(folder: Path, n: int, side: int = 1024) -> None:
             writer.writerow([f"{i:05d}.jpg", p.caption])
 
 
-def run(quick: bool) -> list[Result]:
+def run(level: str) -> list[Result]:
     from fashioncap.prepare import build_splits
 
-    n = 120 if quick else 600
+    n = {"full": 600, "quick": 120, "smoke": 24}[level]
     workers = 2 * _cores()
     with tempfile.TemporaryDirectory() as tmp:
         photo_folder(Path(tmp), n)
@@ -32,7 +32,7 @@ def run(quick: bool) -> list[Result]:
         serial = offline_params(*common, "data.num_workers=0")
         parallel = offline_params(*common, f"data.num_workers={workers}")
         assert build_splits(serial) == build_splits(parallel)  # the same rows, in the same order
-        repeats = 2 if quick else 5
+        repeats = {"full": 5, "quick": 2, "smoke": 1}[level]
         one = median_seconds(lambda: build_splits(serial), repeats, warmup=0)
         many = median_seconds(lambda: build_splits(parallel), repeats, warmup=0)
     return [Result("prepare", f"{n} JPEG photos 1024 px -> 384 px, {workers} threads on {_cores()} cores", "images/s", n / many, n / one,

@@ -68,8 +68,9 @@ def load(url: str, images: list[str], per_request: int, concurrency: int, reques
             "p50_s": statistics.median(latencies), "p95_s": latencies[int(0.95 * (len(latencies) - 1))]}
 
 
-def run(quick: bool) -> list[Result]:
-    requests = 12 if quick else 48
+def run(level: str) -> list[Result]:
+    requests = {"full": 48, "quick": 12, "smoke": 2}[level]
+    concurrency, sizes = ((1, 2), (1, 2)) if level == "smoke" else ((1, 8), (1, 8))
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         env = {**os.environ, **champion(root)}
@@ -82,7 +83,7 @@ def run(quick: bool) -> list[Result]:
         serve = [sys.executable, "-m", "fashioncap.cli", "serve", "--port", str(port)]
         with background_server(serve, f"http://127.0.0.1:{port}/ping", root / "serve.log", root, env, timeout=180):
             url = f"http://127.0.0.1:{port}/invocations"
-            figures = {(c, k): load(url, images, k, c, requests) for c in (1, 8) for k in (1, 8)}
+            figures = {(c, k): load(url, images, k, c, requests) for c in concurrency for k in sizes}
     results = []
     for (c, k), m in figures.items():
         single = figures[(c, 1)]["images_per_s"] if k > 1 else None

@@ -146,15 +146,16 @@ def measure(size: str, batch: int, repeats: int, precision: str = "auto", baseli
     return out
 
 
-def run(quick: bool) -> list[Result]:
+def run(level: str) -> list[Result]:
     results = []
-    settings = [("offline", 16 if quick else 32, 2 if quick else 10), ("base", 1 if quick else 8, 1 if quick else 3)]
+    settings = {"full": [("offline", 32, 10), ("base", 8, 3)], "quick": [("offline", 16, 2), ("base", 1, 1)],
+                "smoke": [("offline", 8, 1)]}[level]
     for size, batch, repeats in settings:
         m = measure(size, batch, repeats)
         label = f"{'BLIP-base (224M)' if size == 'base' else 'offline BLIP (0.9M)'}, batch {batch}, {m['device']}"
         results.append(Result("train throughput", label, "samples/s", batch / m["ours_s"], batch / m["original_s"],
                               "original recipe", target=2.0 if size == "base" else None))
-        if size == "base" and not quick:  # another recipe: the text decoder only
+        if size == "base" and level == "full":  # another recipe: the text decoder only
             frozen = measure(size, batch, repeats, baseline=False, freeze_vision=True)
             results.append(Result("train throughput", f"{label}, train.freeze_vision", "samples/s",
                                   batch / frozen["ours_s"], batch / m["original_s"], "original recipe",

@@ -156,6 +156,36 @@ def train_outputs(workdir: Path):
                    workdir / "val_log.csv", workdir / "ckpt", workdir / "loss_curve.png")
 
 
+def table(cider: float, digest: str = "d1") -> dict:
+    """An eval.json-shaped score table for registering a version."""
+    scores = {"bleu_1": 0.5, "bleu_2": 0.4, "bleu_3": 0.3, "bleu_4": 0.2, "cider_d": cider, "rouge_l": 0.5}
+    return {"test_items": 20, "novel_items": 18, "before": {**scores, "cider_d": 0.01}, "after": scores,
+            "test_digest": digest, "exact_match_after": 0.0}
+
+
+def png_b64(colour=(200, 30, 30), size=(40, 40)) -> str:
+    """A PNG of one colour, base64-encoded as a request carries it."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def new_run(params) -> str:
+    """A finished MLflow run of the params, to register a version from."""
+    import mlflow
+
+    from fashioncap import tracking
+
+    run = tracking.start_run(params)
+    mlflow.end_run()
+    return run.info.run_id
+
+
 def sh(args: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     """Runs a command as a user's shell would (the venv's tools first on PATH); fails the test on error."""
     full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}

@@ -81,6 +81,7 @@ def shop(tmp_path) -> dict[str, str]:
     return dirty_catalogue(tmp_path / "shop")
 
 
+@pytest.mark.slow
 def test_dirty_catalogue_prepares_with_a_rejection_report(tmp_path, write_params, tiny_raw, shop):
     proc = prepare(tmp_path, write_params, tiny_raw, max_rejected=0.7)
     assert proc.returncode == 0, proc.stderr
@@ -99,6 +100,7 @@ def test_dirty_catalogue_prepares_with_a_rejection_report(tmp_path, write_params
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_too_dirty_a_catalogue_fails_naming_the_worst_reasons(tmp_path, write_params, tiny_raw, shop):
     proc = prepare(tmp_path, write_params, tiny_raw, max_rejected=0.3)
     assert proc.returncode == 2

@@ -28,10 +28,12 @@ def test_best_tracker_minimises_loss():
     assert t.best_step == 2 and t.exhausted
 
 
-def test_auto_precision_is_full_on_cpu_and_explicit_values_pass_through():
-    expected = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+@pytest.mark.parametrize(("gpu", "bf16", "expected"), [(False, False, "no"), (True, False, "no"), (True, True, "bf16")])
+def test_auto_precision_is_bf16_only_on_a_gpu_that_has_it(monkeypatch, gpu, bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     assert mixed_precision("auto") == expected
-    assert mixed_precision("fp16") == "fp16"
+    assert mixed_precision("fp16") == "fp16" and mixed_precision("no") == "no"  # explicit values pass through
 
 
 def test_no_weight_decay_on_biases_and_norms(tiny_params):
@@ -42,6 +44,7 @@ def test_no_weight_decay_on_biases_and_norms(tiny_params):
     assert len(no_decay["params"]) == 3
 
 
+@pytest.mark.slow
 def test_a_training_split_smaller_than_one_step_is_a_clear_error(tiny_raw, tiny_model, write_params, tmp_path):
     import subprocess
 
@@ -72,6 +75,7 @@ def test_memory_options_freeze_the_vision_encoder_and_checkpoint_activations(tin
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) < sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_default_profile_without_a_gpu_stops_in_seconds_naming_the_way_out(tmp_path):
     """The committed default params on a CPU-only machine: no download, no model load, a clear exit 2."""
     import subprocess

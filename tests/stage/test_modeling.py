@@ -1,10 +1,11 @@
 """Tokenizer, label construction, collation and generation of the from-config BLIP."""
 
+import pytest
 import torch
 
 from fashioncap.modeling import (IGNORE_INDEX, Collator, build_processor, build_tokenizer, caption_batch,
                                  caption_labels, initial_model)
-from fashioncap.metrics import normalize_caption
+from fashioncap.captions import normalize_caption
 from fashioncap.synthetic import catalogue
 
 
@@ -62,6 +63,7 @@ def test_scratch_model_is_seeded_and_generates_with_its_own_special_tokens(tiny_
     assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
 
 
+@pytest.mark.slow
 def test_unloadable_pretrained_model_is_a_clear_error_not_a_traceback(tiny_raw, tiny_model, write_params, tmp_path):
     import subprocess
 
@@ -79,7 +81,6 @@ def test_unloadable_pretrained_model_is_a_clear_error_not_a_traceback(tiny_raw, 
 def test_a_pretrained_model_at_another_image_size_is_refused(tiny_model, tiny_params):
     """model.image_size must be the checkpoint's input size: prepare would store images at one size and
     the processor silently resize them to another."""
-    import pytest
 
     from fashioncap.modeling import ModelSourceError, build_processor
 

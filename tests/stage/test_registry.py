@@ -2,42 +2,20 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import subprocess
 import sys
 
-import pytest
 from pathlib import Path
+
+import pytest
 from PIL import Image
 
 from fashioncap import promotion
 from fashioncap.register import register
+from tests.conftest import new_run, png_b64, table
 
 NAME = "fashion-captioner"
-
-
-def table(cider: float, digest: str = "d1") -> dict:
-    scores = {"bleu_1": 0.5, "bleu_2": 0.4, "bleu_3": 0.3, "bleu_4": 0.2, "cider_d": cider, "rouge_l": 0.5}
-    return {"test_items": 20, "novel_items": 18, "before": {**scores, "cider_d": 0.01}, "after": scores,
-            "test_digest": digest, "exact_match_after": 0.0}
-
-
-def png_b64(colour=(200, 30, 30), size=(40, 40)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, colour).save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def new_run(params) -> str:
-    import mlflow
-
-    from fashioncap import tracking
-
-    run = tracking.start_run(params)
-    mlflow.end_run()
-    return run.info.run_id
 
 
 def test_register_is_idempotent_and_tags_the_version(registry_env, tiny_params):
@@ -117,6 +95,7 @@ def run_cli(*args, env) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+@pytest.mark.slow
 def test_cli_caption_reports_bad_files_and_fails_only_when_all_fail(registry_env, tiny_params, tmp_path, cli_env):
     client, model_dir, data_dir = registry_env
     folder = tmp_path / "photos"
@@ -171,6 +150,7 @@ def test_requests_respect_both_the_image_and_the_byte_limit():
     assert requests_within([], 3, 40) == []
 
 
+@pytest.mark.slow
 def test_cli_captions_40_photos_under_tight_limits_in_several_requests(registry_env, tiny_params, tmp_path, cli_env):
     """registry.max_images 4 and max_request_bytes 60,000 in the tiny params: 40 photos need 10+ requests."""
     import numpy as np

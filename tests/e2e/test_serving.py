@@ -18,7 +18,7 @@ from PIL import Image
 from fashioncap import promotion
 from fashioncap.register import register
 from tests.conftest import background_server, free_port
-from tests.test_registry import new_run, png_b64, table
+from tests.conftest import new_run, png_b64, table
 
 pytestmark = pytest.mark.slow
 NAME = "fashion-captioner"

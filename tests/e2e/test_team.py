@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from tests.conftest import BIN, TINY_OVERRIDES, background_server, clone_project, free_port, set_args, sh
-from tests.test_registry import png_b64
+from tests.conftest import png_b64
 
 pytestmark = pytest.mark.slow
 NAME = "fashion-captioner"
