@@ -190,6 +190,15 @@ def load_hub_dataset(cfg: DataParams):
                               f"{str(error).splitlines()[0][:300]}") from None
 
 
+def check_source(cfg: DataParams) -> None:
+    """Fails in seconds when the source cannot be read: the Hub unreachable (unless offline mode asks for
+    the cache), or the imagefolder missing."""
+    if cfg.source == "hub":
+        _check_hub(cfg)
+    elif cfg.source == "imagefolder" and not os.path.isdir(cfg.path):
+        raise DataSourceError(f"data.path '{cfg.path}' is not a folder")
+
+
 def read_source(cfg: DataParams, seed: int) -> Iterator[RawItem]:
     """Yields the raw items of the configured source (at most data.max_items)."""
     if cfg.source == "synthetic":

@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image
 
 from .config import DataParams, ModelParams, Params, load_params
-from .data import SPLITS, TOKEN_LENGTHS, DataSourceError, RawItem, clean_caption, read_source, split_of
+from .data import SPLITS, TOKEN_LENGTHS, DataSourceError, check_source, RawItem, clean_caption, read_source, split_of
 from .imaging import ImageInputError, decode_image, encode_image, to_model_image
 from .modeling import build_processor
 from .runtime import progress, run_stage, stage_args
@@ -185,6 +185,7 @@ def save(rows: dict[str, list[dict]], rejected: list[dict], out: Path, lengths: 
 def main(argv: list[str] | None = None) -> None:
     args = stage_args(__doc__, argv, "out", "metrics")
     params = load_params(args.params)
+    check_source(params.data)  # before the model's files are looked for: without the Hub, both would fail
     if not params.model.from_scratch:
         build_processor(params.model, [])  # a wrong model.init or model.image_size fails now, not after the images
     rows, rejected = build_splits(params)
