@@ -22,7 +22,7 @@ def peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(batch: int, freeze_vision: bool, checkpointing: bool, steps: int) -> dict:
+def child(batch: int, freeze_vision: bool, checkpointing: bool, steps: int, size: str = "base") -> dict:
     """Train steps (the first allocates the optimizer state, so one holds both peaks: activations in the
     backward pass, then weights + gradients + optimizer state); returns the process's peak RSS."""
     import time
@@ -36,9 +36,9 @@ def child(batch: int, freeze_vision: bool, checkpointing: bool, steps: int) -> d
     from .train_step import build_model, catalogue_batches, make_processor, ours_step
 
     params = offline_params()
-    items = catalogue_batches(batch, 384)
-    processor = make_processor("base", [r["caption"] for r in items])
-    model = apply_memory_options(build_model("base", processor), freeze_vision, checkpointing)
+    items = catalogue_batches(batch, 384 if size == "base" else params.model.image_size)
+    processor = make_processor(size, [r["caption"] for r in items])
+    model = apply_memory_options(build_model(size, processor), freeze_vision, checkpointing)
     model.train()
     collate = Collator(processor, params.model.max_caption_tokens, model.config.text_config.bos_token_id)
     optimizer = make_optimizer(model, params.train)
@@ -53,8 +53,8 @@ def child(batch: int, freeze_vision: bool, checkpointing: bool, steps: int) -> d
     return {"peak_mib": peak_rss_mib(), "step_s": seconds, "trainable": trainable, "threads": torch.get_num_threads()}
 
 
-def measure(batch: int, freeze_vision: bool, checkpointing: bool, steps: int) -> dict:
-    args = [sys.executable, "-m", "benchmarks.memory", "--batch", str(batch), "--steps", str(steps)]
+def measure(batch: int, freeze_vision: bool, checkpointing: bool, steps: int, size: str = "base") -> dict:
+    args = [sys.executable, "-m", "benchmarks.memory", "--batch", str(batch), "--steps", str(steps), "--size", size]
     args += ["--freeze-vision"] if freeze_vision else []
     args += ["--gradient-checkpointing"] if checkpointing else []
     out = subprocess.run(args, capture_output=True, text=True, check=False)
@@ -64,15 +64,17 @@ def measure(batch: int, freeze_vision: bool, checkpointing: bool, steps: int) ->
 
 
 def run(level: str) -> list[Result]:
-    batch, steps = {"full": (8, 2), "quick": (2, 1), "smoke": (1, 1)}[level]
-    plain = measure(batch, False, False, steps)
+    batch, steps = {"full": (8, 2), "quick": (2, 1), "smoke": (2, 1)}[level]
+    size = "offline" if level == "smoke" else "base"  # the smoke level proves the code path, not the figure
+    name = "BLIP-base" if size == "base" else "offline BLIP"
+    plain = measure(batch, False, False, steps, size)
     results = []
     for label, freeze, ckpt in (("gradient checkpointing", False, True), ("frozen vision encoder", True, False),
                                 ("both", True, True)):
         if level != "full" and label != "both":
             continue
-        m = measure(batch, freeze, ckpt, steps)
-        results.append(Result("memory", f"BLIP-base train step, batch {batch}, {label}", "MiB peak RSS",
+        m = measure(batch, freeze, ckpt, steps, size)
+        results.append(Result("memory", f"{name} train step, batch {batch}, {label}", "MiB peak RSS",
                               m["peak_mib"], plain["peak_mib"], "no memory options", target=1 / 0.6,
                               higher_is_better=False,
                               note=f"{1 - m['peak_mib'] / plain['peak_mib']:.0%} lower; step {m['step_s']:.1f} s "
@@ -86,5 +88,6 @@ if __name__ == "__main__":
     parser.add_argument("--freeze-vision", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--size", choices=["base", "offline"], default="base")
     a = parser.parse_args()
-    print(json.dumps(child(a.batch, a.freeze_vision, a.gradient_checkpointing, a.steps)))
+    print(json.dumps(child(a.batch, a.freeze_vision, a.gradient_checkpointing, a.steps, a.size)))
