@@ -19,16 +19,20 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 DEFAULT_NAME = "fashion-captioner"
 
 
-def model_name(given: str | None) -> str:
-    """--name if given, else registry.name from the project's params.yaml, else the default name."""
-    if given:
-        return given
+def registry_params():
+    """The `registry` section of the project's params.yaml, or None outside a valid project."""
     from .config import ConfigError, load_params
 
     try:
-        return load_params(project_root() / "params.yaml").registry.name
+        return load_params(project_root() / "params.yaml").registry
     except ConfigError:
-        return DEFAULT_NAME
+        return None
+
+
+def model_name(given: str | None) -> str:
+    """--name if given, else registry.name from the project's params.yaml, else the default name."""
+    registry = None if given else registry_params()
+    return given or (registry.name if registry else DEFAULT_NAME)
 
 
 def _client():
@@ -92,14 +96,8 @@ def _check_alias(uri: str) -> None:
 
 def request_timeout(given: int | None) -> int:
     """--timeout if given, else registry.request_timeout of the project's params.yaml, else MLflow's 60 s."""
-    if given:
-        return given
-    from .config import ConfigError, load_params
-
-    try:
-        return load_params(project_root() / "params.yaml").registry.request_timeout
-    except ConfigError:
-        return 60
+    registry = None if given else registry_params()
+    return given or (registry.request_timeout if registry else 60)
 
 
 def cmd_serve(args) -> int:
