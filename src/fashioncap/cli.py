@@ -65,6 +65,7 @@ def cmd_reproduce(args) -> int:
 def cmd_rehearse(args) -> int:
     from .rehearsal import rehearse, table
 
+    logging.getLogger("fashioncap").setLevel(logging.INFO)  # minutes of work: say which stage runs
     root = project_root()
     hf_home = Path(args.hf_home).resolve() if args.hf_home else Path.home() / ".cache" / "fashioncap" / f"hf-standins-{args.size}"
     if args.build_only:

@@ -146,10 +146,11 @@ def percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[max(0, math.ceil(q / 100 * len(sorted_values)) - 1)]
 
 
-def token_lengths(model: ModelParams, rows: dict[str, list[dict]]) -> dict:
+def token_lengths(model: ModelParams, rows: dict[str, list[dict]], processor=None) -> dict:
     """Caption lengths in the model's tokens, [CLS]/bos and [SEP] included, as training sees them:
-    p50/p95/p99/max over every kept caption, and how many captions have each length."""
-    tokenizer = build_processor(model, [r["caption"] for r in rows["train"]]).tokenizer
+    p50/p95/p99/max over every kept caption, and how many captions have each length. `processor` is
+    the model's, when already loaded (a scratch model's tokenizer is built from the training captions)."""
+    tokenizer = (processor or build_processor(model, [r["caption"] for r in rows["train"]])).tokenizer
     captions = [r["caption"] for split in SPLITS for r in rows[split]]
     lengths = sorted(len(ids) for ids in tokenizer(captions, add_special_tokens=True)["input_ids"])
     counts = Counter(lengths)
@@ -186,15 +187,15 @@ def main(argv: list[str] | None = None) -> None:
     args = stage_args(__doc__, argv, "out", "metrics")
     params = load_params(args.params)
     check_source(params.data)  # before the model's files are looked for: without the Hub, both would fail
-    if not params.model.from_scratch:
-        build_processor(params.model, [])  # a wrong model.init or model.image_size fails now, not after the images
+    # a wrong model.init or model.image_size fails now, not after the images
+    processor = None if params.model.from_scratch else build_processor(params.model, [])
     rows, rejected = build_splits(params)
     check_rejections(sum(len(v) for v in rows.values()), rejected, params.data.max_rejected_fraction)
     empty = [s for s in SPLITS if not rows[s]]
     if empty:
         raise DataSourceError(f"split(s) {empty} are empty: the source holds too few items for the split "
                               "fractions (data.val_fraction, data.test_fraction)")
-    lengths = token_lengths(params.model, rows)
+    lengths = token_lengths(params.model, rows, processor)
     save(rows, rejected, args.out, lengths)
     summary = summarise(rows, rejected)
     summary["caption_tokens"] = {k: v for k, v in lengths.items() if k != "counts"}

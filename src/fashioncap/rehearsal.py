@@ -11,6 +11,7 @@ images the served model accepts, at catalogue size.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ STEP_OVERRIDES = {
                "train.log_every=2", "train.sample_images=2", "train.num_workers=0", "generate.batch_size=8",
                "evaluate.max_items=6", "evaluate.table_images=4", "report.gallery_items=4"],
 }
+log = logging.getLogger(__name__)
 STAGE_LINE = re.compile(r"Running stage '([\w-]+)'")
 LIMIT_LINE = re.compile(r"serving at most (\d+) images per request")
 
@@ -124,7 +127,7 @@ def run_pipeline(repo: Path, env: dict, overrides: list[str], name: str) -> list
             close(current)
             current, started = m.group(1), time.monotonic()
             sampler.take()
-            print(f"rehearsal: stage {current}", file=sys.stderr, flush=True)
+            log.info("rehearsal: stage %s", current)
     code = proc.wait()
     close(current)
     sampler.done.set()
@@ -162,7 +165,7 @@ def run_without_dvc(repo: Path, env: dict, overrides: list[str]) -> list[StageFi
     params.write_text(yaml.safe_dump(raw, sort_keys=False))
     figures = []
     for name, cmd in stage_commands(repo, params):
-        print(f"rehearsal: stage {name}", file=sys.stderr, flush=True)
+        log.info("rehearsal: stage %s", name)
         started = time.monotonic()
         proc = subprocess.Popen(cmd, shell=True, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
