@@ -215,6 +215,53 @@ def clone_project(dest: Path) -> Path:
     return dest
 
 
+# Credentials a user may have in the environment; none may reach MLflow (tests/e2e/test_pipeline.py).
+FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEtoken0123456789", "AWS_SECRET_ACCESS_KEY": "FAKEawsSecret/0123456789",
+                "MLFLOW_TRACKING_PASSWORD": "FAKEmlflowPassword0123", "AWS_ACCESS_KEY_ID": "AKIAFAKE0123456789"}
+
+
+def git(repo: Path, *args: str) -> str:
+    return sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], repo).stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory) -> Path:
+    """A user's clone with the tiny offline params committed, `dvc repro` run (with credentials in the
+    environment that must never reach MLflow) and its results committed, as one would push them. Built
+    once per session; end-to-end tests work on their own copies (copy_repo) and never change it."""
+    repo = clone_project(tmp_path_factory.mktemp("tiny-repo") / "repo")
+    (repo / "params.yaml").write_text(yaml.safe_dump(compose(TINY_OVERRIDES), sort_keys=False))
+    git(repo, "commit", "-qam", "tiny params")
+    sh([str(BIN / "dvc"), "repro"], repo, **FAKE_SECRETS, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "tiny results")
+    return repo
+
+
+def copy_repo(repo: Path, dest: Path) -> Path:
+    """A copy of a project clone at `dest` that works as if it had been made there: its MLflow store's
+    absolute paths (experiment and run artifact locations, model version sources) and its DVC remote
+    (a folder beside the repository) point into the copy, so nothing it does touches the original."""
+    import sqlite3
+
+    shutil.copytree(repo, dest, symlinks=True)
+    shutil.rmtree(dest / ".dvc" / "tmp", ignore_errors=True)  # locks and experiment workspaces of the original
+    if (repo.parent / "dvc-remote").is_dir():
+        shutil.copytree(repo.parent / "dvc-remote", dest.parent / "dvc-remote")
+    sh([str(BIN / "dvc"), "remote", "modify", "--local", "local", "url", str(dest.parent / "dvc-remote")], dest)
+    if (dest / "mlflow.db").is_file():
+        old, new = str(repo), str(dest)
+        with contextlib.closing(sqlite3.connect(dest / "mlflow.db")) as db:
+            tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                for column in [r[1] for r in db.execute(f"PRAGMA table_info('{table}')") if "CHAR" in r[2].upper()
+                               or "TEXT" in r[2].upper()]:
+                    db.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) WHERE instr("{column}", ?)',
+                               (old, new, old))
+            db.commit()
+    return dest
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 from PIL import Image, ImageDraw
 
@@ -111,7 +111,7 @@ def _background(rng: random.Random, size: int) -> Image.Image:
     return image
 
 
-def _watch(c: _Canvas, rng: random.Random) -> dict[str, str]:
+def _watch_attributes(rng: random.Random) -> dict[str, str]:
     a = {
         "strap": rng.choice(["leather strap", "mesh bracelet", "link bracelet", "rubber strap"]),
         "strap_colour": _pick(rng, COLOURS),
@@ -120,6 +120,10 @@ def _watch(c: _Canvas, rng: random.Random) -> dict[str, str]:
         "markers": rng.choice(["dot markers", "stick markers", "no markers"]),
     }
     a["dial"] = _pick(rng, COLOURS, exclude=(a["bezel"],))  # a dial the colour of its bezel is invisible
+    return a
+
+
+def _watch(c: _Canvas, a: dict[str, str]) -> None:
     strap_rgb = COLOURS[a["strap_colour"]]
     ink = tuple(max(0, v - 70) if sum(strap_rgb) > 200 else min(255, v + 80) for v in strap_rgb)
     for y0, y1 in ((0.0, 0.3), (0.7, 1.0)):
@@ -151,7 +155,6 @@ def _watch(c: _Canvas, rng: random.Random) -> dict[str, str]:
             c.draw.line([c.pt(ix, iy), c.pt(cx, cy)], fill=dial_ink, width=c.width(0.02))
     c.draw.line([c.pt(0.5, 0.5), c.pt(0.5, 0.36)], fill=dial_ink, width=c.width(0.02))
     c.draw.line([c.pt(0.5, 0.5), c.pt(0.6, 0.5)], fill=dial_ink, width=c.width(0.015))
-    return a
 
 
 def _watch_caption(a: dict[str, str]) -> str:
@@ -162,7 +165,7 @@ def _watch_caption(a: dict[str, str]) -> str:
     )
 
 
-def _handbag(c: _Canvas, rng: random.Random) -> dict[str, str]:
+def _handbag_attributes(rng: random.Random) -> dict[str, str]:
     a = {
         "colour": _pick(rng, COLOURS),
         "pattern": rng.choice(["plain", "striped", "dotted", "checked"]),
@@ -171,6 +174,10 @@ def _handbag(c: _Canvas, rng: random.Random) -> dict[str, str]:
         "clasp": rng.choice(list(METALS)),
     }
     a["pattern_colour"] = _pick(rng, COLOURS, exclude=(a["colour"],))
+    return a
+
+
+def _handbag(c: _Canvas, a: dict[str, str]) -> None:
     body = c.poly([(0.12, 0.42), (0.88, 0.42), (0.95, 0.9), (0.05, 0.9)])
     if a["handle"] == "top handle":
         c.draw.arc(c.box(0.3, 0.18, 0.7, 0.66), 180, 360, fill=COLOURS[a["handle_colour"]], width=c.width(0.06))
@@ -184,7 +191,6 @@ def _handbag(c: _Canvas, rng: random.Random) -> dict[str, str]:
     c.fill_pattern(lambda d: d.polygon(body, fill=255), COLOURS[a["colour"]], a["pattern"], ink)
     c.draw.polygon(body, outline=(60, 60, 60))
     c.draw.rectangle(c.box(0.44, 0.5, 0.56, 0.6), fill=METALS[a["clasp"]], outline=(60, 60, 60))
-    return a
 
 
 def _handbag_caption(a: dict[str, str]) -> str:
@@ -194,7 +200,7 @@ def _handbag_caption(a: dict[str, str]) -> str:
     return f"{look} with {a['handle_colour']} {a['handle']} and {a['clasp']} clasp"
 
 
-def _tshirt(c: _Canvas, rng: random.Random) -> dict[str, str]:
+def _tshirt_attributes(rng: random.Random) -> dict[str, str]:
     a = {
         "colour": _pick(rng, COLOURS),
         "sleeves": rng.choice(["short", "long"]),
@@ -203,6 +209,10 @@ def _tshirt(c: _Canvas, rng: random.Random) -> dict[str, str]:
     }
     a["pocket"] = _pick(rng, [*COLOURS, "no"], exclude=(a["colour"],))
     a["pattern_colour"] = _pick(rng, COLOURS, exclude=(a["colour"],))
+    return a
+
+
+def _tshirt(c: _Canvas, a: dict[str, str]) -> None:
     sleeve_end = 0.42 if a["sleeves"] == "short" else 0.85
     outline = [(0.3, 0.12), (0.42, 0.12), (0.58, 0.12), (0.7, 0.12), (0.95, sleeve_end - 0.05),
                (0.85, sleeve_end), (0.75, 0.35), (0.75, 0.92), (0.25, 0.92), (0.25, 0.35),
@@ -218,7 +228,6 @@ def _tshirt(c: _Canvas, rng: random.Random) -> dict[str, str]:
         c.draw.chord(c.box(0.4, 0.04, 0.6, 0.22), 0, 180, fill=(60, 60, 60))
     if a["pocket"] != "no":
         c.draw.rectangle(c.box(0.56, 0.38, 0.68, 0.5), fill=COLOURS[a["pocket"]], outline=(60, 60, 60))
-    return a
 
 
 def _tshirt_caption(a: dict[str, str]) -> str:
@@ -227,7 +236,7 @@ def _tshirt_caption(a: dict[str, str]) -> str:
     return f"a {a['colour']} {a['sleeves']} sleeve t-shirt{pattern[a['pattern']]} with a {a['neck']}{pocket}"
 
 
-def _sneaker(c: _Canvas, rng: random.Random) -> dict[str, str]:
+def _sneaker_attributes(rng: random.Random) -> dict[str, str]:
     a = {
         "upper": _pick(rng, COLOURS),
         "height": rng.choice(["low top", "high top"]),
@@ -235,6 +244,10 @@ def _sneaker(c: _Canvas, rng: random.Random) -> dict[str, str]:
     }
     a["laces"] = _pick(rng, COLOURS, exclude=(a["upper"],))
     a["stripe"] = _pick(rng, COLOURS, exclude=(a["upper"],))
+    return a
+
+
+def _sneaker(c: _Canvas, a: dict[str, str]) -> None:
     top = 0.25 if a["height"] == "high top" else 0.45
     upper = c.poly([(0.1, 0.78), (0.12, 0.55), (0.3, top), (0.5, top), (0.55, 0.5), (0.9, 0.62), (0.92, 0.78)])
     c.draw.polygon(upper, fill=COLOURS[a["upper"]], outline=(60, 60, 60))
@@ -244,7 +257,6 @@ def _sneaker(c: _Canvas, rng: random.Random) -> dict[str, str]:
         x = 0.36 + 0.05 * i
         y = top + 0.05 + 0.06 * i
         c.draw.line([c.pt(x - 0.04, y), c.pt(x + 0.08, y + 0.03)], fill=COLOURS[a["laces"]], width=c.width(0.03))
-    return a
 
 
 def _sneaker_caption(a: dict[str, str]) -> str:
@@ -252,13 +264,17 @@ def _sneaker_caption(a: dict[str, str]) -> str:
             f"and {a['laces']} laces and a {a['stripe']} stripe")
 
 
-def _sunglasses(c: _Canvas, rng: random.Random) -> dict[str, str]:
+def _sunglasses_attributes(rng: random.Random) -> dict[str, str]:
     a = {
         "shape": rng.choice(["round", "square", "aviator"]),
         "frame": _pick(rng, COLOURS),
         "lens": _pick(rng, LENSES),
         "arms": _pick(rng, COLOURS),
     }
+    return a
+
+
+def _sunglasses(c: _Canvas, a: dict[str, str]) -> None:
     frame = COLOURS[a["frame"]]
     for x0 in (0.08, 0.54):
         box = c.box(x0, 0.35, x0 + 0.38, 0.68)
@@ -272,7 +288,6 @@ def _sunglasses(c: _Canvas, rng: random.Random) -> dict[str, str]:
     c.draw.line([c.pt(0.46, 0.42), c.pt(0.54, 0.42)], fill=frame, width=c.width(0.04))
     for x0, x1 in ((0.08, 0.0), (0.92, 1.0)):
         c.draw.line([c.pt(x0, 0.38), c.pt(x1, 0.3)], fill=COLOURS[a["arms"]], width=c.width(0.05))
-    return a
 
 
 def _sunglasses_caption(a: dict[str, str]) -> str:
@@ -280,21 +295,34 @@ def _sunglasses_caption(a: dict[str, str]) -> str:
 
 
 _DRAWERS = {
-    "watch": (_watch, _watch_caption),
-    "handbag": (_handbag, _handbag_caption),
-    "t-shirt": (_tshirt, _tshirt_caption),
-    "sneaker": (_sneaker, _sneaker_caption),
-    "sunglasses": (_sunglasses, _sunglasses_caption),
+    "watch": (_watch_attributes, _watch, _watch_caption),
+    "handbag": (_handbag_attributes, _handbag, _handbag_caption),
+    "t-shirt": (_tshirt_attributes, _tshirt, _tshirt_caption),
+    "sneaker": (_sneaker_attributes, _sneaker, _sneaker_caption),
+    "sunglasses": (_sunglasses_attributes, _sunglasses, _sunglasses_caption),
 }
 
 
-def draw_product(seed: int, index: int, size: int) -> Product:
-    """Draws item `index` of the catalogue seeded by `seed`; the same arguments give the same product."""
+def draw_product(seed: int, index: int, size: int, changes: Mapping[str, str] | None = None,
+                 backdrop: tuple[int, int, int] | None = None) -> Product:
+    """Draws item `index` of the catalogue seeded by `seed`; the same arguments give the same product.
+
+    `changes` sets some of its attributes (e.g. {"strap_colour": "red"}) and `backdrop` puts it on a flat
+    background of that colour; everything else (placement, scale, other attributes) stays as drawn, so
+    one factor can be varied at a time."""
     rng = random.Random(f"{seed}:{index}")
     category = CATEGORIES[index % len(CATEGORIES)]
     image = _background(rng, size)
-    draw, caption = _DRAWERS[category]
-    attributes = draw(_Canvas(image, rng), rng)
+    if backdrop is not None:
+        image = Image.new("RGB", (size, size), backdrop)
+    canvas = _Canvas(image, rng)
+    choose, draw, caption = _DRAWERS[category]
+    attributes = choose(rng)
+    unknown = set(changes or {}) - set(attributes)
+    if unknown:
+        raise ValueError(f"a {category} has no attribute {sorted(unknown)}; it has {sorted(attributes)}")
+    attributes.update(changes or {})
+    draw(canvas, attributes)
     return Product(category, attributes, caption(attributes), image)
 
 

@@ -14,14 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import BIN, TINY_OVERRIDES, clone_project, set_args, sh
+from tests.conftest import BIN, FAKE_SECRETS, TINY_OVERRIDES, copy_repo, set_args, sh
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    return clone_project(tmp_path_factory.mktemp("clone"))
 
 
 def mlflow_client(repo: Path):
@@ -30,18 +25,13 @@ def mlflow_client(repo: Path):
     return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
 
 
-# Credentials a user may have in the environment; none may reach MLflow.
-FAKE_SECRETS = {"HF_TOKEN": "hf_FAKEtoken0123456789", "AWS_SECRET_ACCESS_KEY": "FAKEawsSecret/0123456789",
-                "MLFLOW_TRACKING_PASSWORD": "FAKEmlflowPassword0123", "AWS_ACCESS_KEY_ID": "AKIAFAKE0123456789"}
-
-
 @pytest.fixture(scope="module")
-def first_run(repo):
-    """The workspace experiment `tiny-offline`, then two more that leave the workspace as it was: a queued
-    one with another learning rate and one under `accelerate launch` with two processes (--temp). All run
-    before any test, so the tests only read and pass in any order."""
-    sh([str(BIN / "dvc"), "exp", "run", "-n", "tiny-offline", *set_args(TINY_OVERRIDES)], repo, **FAKE_SECRETS,
-       MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
+def first_run(tiny_repo, tmp_path_factory):
+    """A copy of the committed tiny project (`dvc repro` of the offline profile, results committed), then
+    two experiments that leave its workspace as it was: a queued one with another learning rate and one
+    under `accelerate launch` with two processes (--temp). All run before any test, so the tests only
+    read and pass in any order."""
+    repo = copy_repo(tiny_repo, tmp_path_factory.mktemp("pipeline") / "repo")
     sh([str(BIN / "dvc"), "exp", "run", "--queue", "-n", "tiny-queued", *set_args([*TINY_OVERRIDES, "train.lr=0.002"])],
        repo)
     sh([str(BIN / "dvc"), "exp", "run", "--run-all"], repo)
@@ -50,7 +40,8 @@ def first_run(repo):
     return repo
 
 
-def runs_by_experiment(repo: Path) -> dict[str, list]:
+def runs_by_experiment(repo: Path) -> dict[str | None, list]:
+    """MLflow runs by DVC experiment name; the committed `dvc repro` run is under None."""
     client = mlflow_client(repo)
     by_name: dict[str, list] = {}
     for run in client.search_runs([client.get_experiment_by_name("fashioncap").experiment_id]):
@@ -67,7 +58,7 @@ def test_credentials_in_the_environment_never_reach_mlflow(first_run):
             assert secret.encode() not in content, f"{name} leaked into {path}"
 
 
-def test_exp_run_offline_writes_metrics_lock_and_predictions(first_run):
+def test_tiny_offline_pipeline_writes_metrics_lock_and_predictions(first_run):
     repo = first_run
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["profile"] == "offline" and params["train"]["max_steps"] == 12
@@ -96,7 +87,7 @@ def test_registered_version_carries_its_scores_and_promotes(first_run):
     client = mlflow_client(first_run)
     run_ref = json.loads((first_run / "models/run.json").read_text())
     [candidate] = client.search_model_versions(f"name = 'fashion-captioner' and run_id = '{run_ref['run_id']}'")
-    assert str(candidate.version) == "1"  # the workspace experiment ran first
+    assert str(candidate.version) == "1"  # the committed run came first
     evaluation = json.loads((first_run / "metrics/eval.json").read_text())
     assert float(candidate.tags["test_cider_d"]) == pytest.approx(evaluation["after"]["cider_d"])
     assert candidate.tags["data_digest"] == evaluation["test_digest"]
@@ -112,14 +103,14 @@ def test_one_mlflow_run_with_params_loss_history_and_eval_metrics(first_run):
     exp = client.get_experiment_by_name("fashioncap")
     assert exp.artifact_location.removeprefix("file://").startswith(str(first_run / "mlruns"))
     by_name = runs_by_experiment(first_run)
-    assert {name: len(runs) for name, runs in by_name.items()} == {"tiny-offline": 1, "tiny-queued": 1, "tiny-ddp": 1}
-    [run] = by_name["tiny-offline"]  # one MLflow run per pipeline execution
+    assert {name: len(runs) for name, runs in by_name.items()} == {None: 1, "tiny-queued": 1, "tiny-ddp": 1}
+    [run] = by_name[None]  # one MLflow run per pipeline execution
     run_ref = json.loads((first_run / "models/run.json").read_text())
     assert run.info.run_id == run_ref["run_id"]
     assert run.data.params["train.max_steps"] == "12" and run.data.params["profile"] == "offline"
-    assert run.data.tags["dvc.exp_name"] == "tiny-offline"
     assert run.data.tags["mlflow.source.git.commit"]
-    assert "tiny-offline" in run.info.run_name
+    assert run.info.run_name == "repro-offline-scratch-lr0.001"
+    assert by_name["tiny-queued"][0].info.run_name == "tiny-queued-offline-scratch-lr0.002"
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == list(range(1, 13))
     assert len(client.get_metric_history(run.info.run_id, "val_cider_d")) == 2
@@ -134,7 +125,7 @@ def test_one_mlflow_run_with_params_loss_history_and_eval_metrics(first_run):
 
 def test_mlflow_ui_views_get_the_captions_table_step_images_and_system_metrics(first_run):
     client = mlflow_client(first_run)
-    [run] = runs_by_experiment(first_run)["tiny-offline"]
+    [run] = runs_by_experiment(first_run)[None]
     run_id = run.info.run_id
     table = json.loads(Path(client.download_artifacts(run_id, "predictions_table.json")).read_text())
     columns = table["columns"]
@@ -182,8 +173,9 @@ def test_report_renders_offline_in_headless_chromium_with_every_image(first_run,
 def test_params_show_in_dvc_exp_show_and_params_diff(first_run):
     shown = json.loads(sh([str(BIN / "dvc"), "exp", "show", "--json"], first_run).stdout)
     text = json.dumps(shown)
-    assert "tiny-offline" in text and '"profile": "offline"' in text
-    diff = sh([str(BIN / "dvc"), "params", "diff", "--json"], first_run).stdout
+    assert "tiny-queued" in text and '"profile": "offline"' in text
+    # the tiny params against the project's own, commit to commit (HEAD~2 is the clone as it came)
+    diff = sh([str(BIN / "dvc"), "params", "diff", "HEAD~2", "HEAD", "--json"], first_run).stdout
     changed = json.loads(diff)["params.yaml"]
     assert changed["profile"] == {"old": "default", "new": "offline"}
     assert changed["train.max_steps"]["new"] == 12
@@ -194,7 +186,7 @@ def test_queued_and_temporary_experiments_land_in_the_same_store(first_run):
     client = mlflow_client(repo)
     exp = client.get_experiment_by_name("fashioncap")
     names = {r.data.tags.get("dvc.exp_name") for r in client.search_runs([exp.experiment_id])}
-    assert {"tiny-offline", "tiny-queued", "tiny-ddp"} <= names
+    assert {None, "tiny-queued", "tiny-ddp"} <= names
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     assert len(list((repo / "mlruns").rglob("loss_curve.png"))) == 3
     assert {str(v.version) for v in client.search_model_versions("name = 'fashion-captioner'")} == {"1", "2", "3"}
@@ -221,7 +213,7 @@ def test_train_stage_runs_under_accelerate_launch_with_two_processes(first_run):
     client = mlflow_client(repo)
     by_name = runs_by_experiment(repo)
     assert len(by_name["tiny-ddp"]) == 1  # only the main process logs
-    ddp, single = by_name["tiny-ddp"][0], by_name["tiny-offline"][0]
+    ddp, single = by_name["tiny-ddp"][0], by_name[None][0]
     train = json.loads(Path(client.download_artifacts(ddp.info.run_id, "train.json")).read_text())
     assert train["processes"] == 2 and train["steps"] == 12
     assert sorted(m.step for m in client.get_metric_history(ddp.info.run_id, "train_loss")) == list(range(1, 13))

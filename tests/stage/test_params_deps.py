@@ -1,0 +1,152 @@
+"""dvc.yaml's params are the leaf keys each stage reads: a changed value re-runs exactly the stages that
+read it. The stages run here in the test's process on the tiny configuration while every read of a
+parameter is recorded; dvc.yaml must declare each one, and every key it declares must be one that the
+stage's code can read."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import copy
+import json
+
+import pytest
+import yaml
+from PIL import Image
+
+from tests.conftest import REPO
+from tests.unit.test_dvc_yaml import PACKAGE, imported_modules
+
+pytestmark = pytest.mark.slow  # trains, evaluates and registers the tiny model
+
+
+def section_prefixes() -> dict[type, str]:
+    """Each params section's class and its dotted place in params.yaml (DataParams: 'data.')."""
+    from fashioncap.config import Params, _Section
+
+    prefixes: dict[type, str] = {Params: ""}
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, field in cls.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, _Section):
+                prefixes[field.annotation] = f"{prefix}{name}."
+                walk(field.annotation, f"{prefix}{name}.")
+
+    walk(Params, "")
+    return prefixes
+
+
+@contextlib.contextmanager
+def recorded_reads(monkeypatch):
+    """Yields the set of dotted leaf keys read from any params object while the block runs."""
+    from fashioncap.config import _Section
+
+    prefixes, seen = section_prefixes(), set()
+    original = _Section.__getattribute__
+
+    def recording(self, name):
+        value = original(self, name)
+        cls = type(self)
+        if name in cls.model_fields and not isinstance(value, _Section):
+            seen.add(prefixes[cls] + name)
+        return value
+
+    monkeypatch.setattr(_Section, "__getattribute__", recording)
+    try:
+        yield seen
+    finally:
+        monkeypatch.undo()
+
+
+def declared(stage: str) -> set[str]:
+    return set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["params"])
+
+
+@pytest.fixture(scope="module")
+def reads(tmp_path_factory, tiny_raw) -> dict[str, set[str]]:
+    """The keys each stage read in one tiny run of the whole pipeline (synthetic catalogue), plus the
+    keys prepare read on an imagefolder catalogue."""
+    from fashioncap import evaluate, prepare, register, report, train
+
+    root = tmp_path_factory.mktemp("params-deps")
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_raw))
+    shop = root / "shop"
+    shop.mkdir()
+    for i in range(40):
+        Image.new("RGB", (40, 40), (6 * i, 0, 0)).save(shop / f"p{i}.png")
+    (shop / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"p{i}.png", "text": f"a red bag number {i}"}) + "\n" for i in range(40)))
+    shop_params = root / "shop.yaml"
+    shop_params.write_text(yaml.safe_dump({**tiny_raw, "data": {**tiny_raw["data"], "source": "imagefolder",
+                                                                  "path": str(shop)}}))
+    p = {name: str(root / name) for name in ("prepared", "best", "run.json", "ckpt", "train.json", "train_log.csv",
+                                             "val_log.csv", "loss.png", "eval.json", "preds.jsonl", "report.html",
+                                             "registered.json", "shop-prepared", "shop-prepare.json")}
+    runs = {
+        "prepare": [(prepare.main, ["--params", str(params), "--out", p["prepared"], "--metrics", str(root / "p.json")]),
+                    (prepare.main, ["--params", str(shop_params), "--out", p["shop-prepared"],
+                                    "--metrics", p["shop-prepare.json"]])],
+        "train": [(train.main, ["--params", str(params), "--data", p["prepared"], "--model-dir", p["best"],
+                                "--run-ref", p["run.json"], "--checkpoint-dir", p["ckpt"], "--metrics", p["train.json"],
+                                "--train-log", p["train_log.csv"], "--val-log", p["val_log.csv"],
+                                "--loss-curve", p["loss.png"]])],
+        "evaluate": [(evaluate.main, ["--params", str(params), "--data", p["prepared"], "--model-dir", p["best"],
+                                      "--run-ref", p["run.json"], "--metrics", p["eval.json"],
+                                      "--predictions", p["preds.jsonl"]])],
+        "report": [(report.main, ["--params", str(params), "--data", p["prepared"], "--run-ref", p["run.json"],
+                                  "--predictions", p["preds.jsonl"], "--eval", p["eval.json"],
+                                  "--train", p["train.json"], "--loss-curve", p["loss.png"], "--out", p["report.html"]])],
+        "register": [(register.main, ["--params", str(params), "--data", p["prepared"], "--model-dir", p["best"],
+                                      "--run-ref", p["run.json"], "--eval", p["eval.json"],
+                                      "--out", p["registered.json"]])],
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        mp.chdir(root)
+        found = {}
+        for stage, calls in runs.items():
+            with recorded_reads(pytest.MonkeyPatch()) as seen:
+                for main, argv in calls:
+                    main(argv)
+            found[stage] = set(seen)
+    return found
+
+
+@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "report", "register"])
+def test_every_parameter_a_stage_reads_is_one_of_its_params_deps(reads, stage):
+    missing = reads[stage] - declared(stage)
+    assert not missing, f"dvc.yaml: stage {stage} reads {sorted(missing)} but its params do not list them"
+    assert reads[stage], "nothing recorded: the recorder is broken"
+
+
+def test_the_recorder_sees_reads_through_sections_and_properties(tiny_raw, monkeypatch):
+    from fashioncap.config import parse_params
+
+    params = parse_params(copy.deepcopy(tiny_raw))
+    with recorded_reads(monkeypatch) as seen:
+        data = params.data
+        _ = data.synthetic.items, params.model.from_scratch, params.train.lr
+    assert seen == {"data.synthetic.items", "model.init", "train.lr"}
+
+
+def attribute_names(stage: str) -> set[str]:
+    """Every `.name` the stage's modules (and those they import) access."""
+    names = set()
+    for module in imported_modules(stage):
+        for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
+            if isinstance(node, ast.Attribute):
+                names.add(node.attr)
+    return names
+
+
+@pytest.mark.parametrize("stage", ["prepare", "train", "evaluate", "report", "register"])
+def test_params_deps_are_leaf_keys_that_the_stages_code_can_read(stage):
+    from fashioncap.config import flatten, parse_params
+
+    leaves = set(flatten(parse_params(yaml.safe_load((REPO / "params.yaml").read_text()))))
+    keys = declared(stage)
+    assert keys <= leaves, f"stage {stage}: not leaf keys of params.yaml: {sorted(keys - leaves)}"
+    names = attribute_names(stage)
+    unread = {k for k in keys if k.rsplit(".", 1)[-1] not in names}
+    assert not unread, f"stage {stage} lists params its code never reads: {sorted(unread)}"
