@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--quick | --smoke] [--only NAME ...]`: every benchmark beside its baseline, a table, and
+"""`python -m benchmarks [--quick | --smoke] [--only NAME ...] [--pipeline-repo CLONE]`: every benchmark beside its baseline, a table, and
 as the last line one JSON object with every figure and ratio."""
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 
 from .common import machine
 
@@ -44,6 +45,8 @@ def main() -> None:
     size.add_argument("--smoke", action="store_true", help="the cheapest settings: proves every benchmark runs "
                       "(what the test suite runs); its figures are not for quoting")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these benchmarks")
+    parser.add_argument("--pipeline-repo", type=Path, help="measure the pipeline overhead in this clone, whose "
+                        "pipeline must be up to date, instead of building one with a tiny offline run")
     args = parser.parse_args()
     from fashioncap.runtime import configure_environment
 
@@ -55,7 +58,7 @@ def main() -> None:
     for name in args.only or BENCHMARKS:
         started = time.perf_counter()
         module = importlib.import_module(f"benchmarks.{BENCHMARKS[name]}")
-        results = module.run(level)
+        results = module.run(level, args.pipeline_repo) if name == "pipeline" else module.run(level)
         seconds[name] = round(time.perf_counter() - started, 1)
         rows.extend(r.as_dict() for r in results)
         print(f"# {name}: {seconds[name]} s", flush=True)

@@ -64,7 +64,8 @@ def test_tiny_offline_pipeline_writes_metrics_lock_and_predictions(first_run):
     assert params["profile"] == "offline" and params["train"]["max_steps"] == 12
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == {"prepare", "train", "evaluate", "report", "register"}
-    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["max_steps"] == 12
+    train_params = lock["stages"]["train"]["params"]["params.yaml"]
+    assert train_params["train.max_steps"] == 12 and "report.gallery_items" not in train_params  # leaf keys it reads
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
     for when in ("before", "after"):
         assert set(evaluation[when]) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider_d", "rouge_l"}
@@ -196,16 +197,16 @@ def test_dvc_compares_experiments_curves_metrics_and_changed_params(first_run):
     repo = first_run
     shown = sh([str(BIN / "dvc"), "exp", "show", "--only-changed", "--csv"], repo).stdout
     rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(shown)) if r["Experiment"]}
-    assert {"tiny-offline", "tiny-queued"} <= set(rows)
-    assert rows["tiny-offline"]["train.lr"] != rows["tiny-queued"]["train.lr"]
+    assert {"tiny-ddp", "tiny-queued"} <= set(rows)
+    assert rows["tiny-ddp"]["train.lr"] != rows["tiny-queued"]["train.lr"]
     header = shown.splitlines()[0].split(",")
     assert any(h.endswith("after.cider_d") for h in header) and "train.lr" in header
     assert "seed" not in header and "tracking.experiment" not in header  # unchanged params are left out
-    plots = json.loads(sh([str(BIN / "dvc"), "plots", "diff", "tiny-offline", "tiny-queued", "--json"], repo).stdout)
+    plots = json.loads(sh([str(BIN / "dvc"), "plots", "diff", "tiny-ddp", "tiny-queued", "--json"], repo).stdout)
     plots = plots["data"]
     for title in ("Training loss", "Validation loss", "Validation CIDEr-D"):
         revisions = {point["rev"] for point in plots[title][0]["content"]["data"]["values"]}
-        assert revisions == {"tiny-offline", "tiny-queued"}, title
+        assert revisions == {"tiny-ddp", "tiny-queued"}, title
 
 
 def test_train_stage_runs_under_accelerate_launch_with_two_processes(first_run):

@@ -11,13 +11,9 @@ import pytest
 import yaml
 
 from fashioncap.reproduce import Progress, ReproduceError, Target, compare, report, resolve, weights_verdict
-from tests.conftest import BIN, TINY_OVERRIDES, clone_project, compose, set_args, sh
+from tests.conftest import BIN, TINY_OVERRIDES, copy_repo, git, set_args, sh
 
 pytestmark = pytest.mark.slow
-
-
-def git(repo: Path, *args: str) -> str:
-    return sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], repo).stdout.strip()
 
 
 def client_of(repo: Path):
@@ -27,15 +23,11 @@ def client_of(repo: Path):
 
 
 @pytest.fixture(scope="module")
-def history(tmp_path_factory):
-    """A committed tiny pipeline run (plain `dvc repro`), then an experiment with another learning rate."""
-    repo = clone_project(tmp_path_factory.mktemp("repro") / "repo")
-    (repo / "params.yaml").write_text(yaml.safe_dump(compose(TINY_OVERRIDES), sort_keys=False))
-    git(repo, "commit", "-qam", "tiny params")
-    sh([str(BIN / "dvc"), "repro"], repo)
+def history(tiny_repo, tmp_path_factory):
+    """A copy of the committed tiny pipeline run (plain `dvc repro`), then an experiment with another
+    learning rate."""
+    repo = copy_repo(tiny_repo, tmp_path_factory.mktemp("repro") / "repo")
     first_run = json.loads((repo / "models/run.json").read_text())["run_id"]
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "tiny results")
     # with Hydra, -S composes params.yaml afresh from conf/: name the tiny overrides again
     sh([str(BIN / "dvc"), "exp", "run", "-n", "faster", *set_args([*TINY_OVERRIDES, "train.lr=0.003"])], repo)
     second_run = json.loads((repo / "models/run.json").read_text())["run_id"]

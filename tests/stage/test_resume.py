@@ -124,3 +124,83 @@ def test_epoch_sampler_restarts_mid_epoch_on_the_same_order():
     assert list(sampler) == full  # the offset applies to one pass only
     sampler.epoch = 3
     assert list(sampler) != full and sorted(sampler) == list(range(10))
+
+
+# Accelerate's own save_state/load_state could replace checkpoint.save/load and our RNG capture. Measured
+# against ours (accelerate 1.15): its files are written one by one into the checkpoint folder, so a kill
+# during a save leaves new weights beside the previous optimizer state, and load_state resumes from that
+# mix without a word; a missing or unreadable RNG file is skipped with an INFO log line. Either breaks the
+# bit-identical resume silently. These two tests keep that comparison honest: when a release fixes it,
+# they fail, and the library can take over.
+def _tiny_training():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+
+def _step(model, optimizer) -> None:
+    model(torch.ones(3, 4)).square().sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+@pytest.fixture
+def accelerator():
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_accelerate_save_state_cut_short_resumes_a_mix_of_two_steps_where_ours_keeps_the_last_whole(
+        tmp_path, accelerator, monkeypatch):
+    import accelerate.checkpointing as acp
+
+    model, optimizer = accelerator.prepare(*_tiny_training())
+    _step(model, optimizer)
+    accelerator.save_state(tmp_path / "theirs")
+    checkpoint.save(tmp_path / "ours", {"model": model.state_dict(), "optimizer": optimizer.state_dict()},
+                    {"fingerprint": "f"})
+    first_moment = optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    _step(model, optimizer)
+    second_weights = model.weight.detach().clone()
+
+    def killed_at_the_optimizer(obj, path, *args, **kwargs):
+        if Path(path).name.startswith("optimizer"):
+            raise KeyboardInterrupt("killed while the optimizer state was written")
+        return real_save(obj, path, *args, **kwargs)
+
+    real_save = acp.save
+    monkeypatch.setattr(acp, "save", killed_at_the_optimizer)
+    with pytest.raises(KeyboardInterrupt):
+        accelerator.save_state(tmp_path / "theirs")
+    real_torch_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt("killed")))
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path / "ours", {"model": model.state_dict()}, {"fingerprint": "f"})
+    monkeypatch.setattr(torch, "save", real_torch_save)
+    monkeypatch.setattr(acp, "save", real_save)
+
+    accelerator.load_state(tmp_path / "theirs")  # no error, no warning
+    assert torch.equal(model.weight, second_weights)  # weights of step 2 ...
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], first_moment)  # ... optimizer of step 1
+    tensors, _ = checkpoint.load(tmp_path / "ours", "f")
+    assert not torch.equal(tensors["model"]["weight"], second_weights)  # ours: step 1, whole
+    assert torch.equal(tensors["optimizer"]["state"][0]["exp_avg"], first_moment)
+
+
+def test_accelerate_load_state_skips_lost_rng_states_silently_where_ours_fails_loudly(tmp_path, accelerator):
+    model, optimizer = accelerator.prepare(*_tiny_training())
+    accelerator.save_state(tmp_path / "theirs")
+    checkpoint.save(tmp_path / "ours", {"model": model.state_dict(), "rng": [checkpoint.rng_state()]},
+                    {"fingerprint": "f"})
+    expected = torch.rand(3)
+    for rng_file in (tmp_path / "theirs").glob("random_states_*"):
+        rng_file.write_bytes(b"lost")
+    (tmp_path / "ours" / checkpoint.STATE_FILE).write_bytes(b"lost")
+    accelerator.load_state(tmp_path / "theirs")  # goes on with whatever the RNGs hold now
+    assert not torch.equal(torch.rand(3), expected)
+    with pytest.raises(Exception):
+        checkpoint.load(tmp_path / "ours", "f")
