@@ -29,14 +29,15 @@ def mlflow_client(repo: Path):
 def first_run(tiny_repo, tmp_path_factory):
     """A copy of the committed tiny project (`dvc repro` of the offline profile, results committed), then
     two experiments that leave its workspace as it was: a queued one with another learning rate and one
-    under `accelerate launch` with two processes (--temp). All run before any test, so the tests only
-    read and pass in any order."""
+    that runs the pipeline up to `train` under `accelerate launch` with two processes (--temp). All run
+    before any test, so the tests only read and pass in any order."""
     repo = copy_repo(tiny_repo, tmp_path_factory.mktemp("pipeline") / "repo")
     sh([str(BIN / "dvc"), "exp", "run", "--queue", "-n", "tiny-queued", *set_args([*TINY_OVERRIDES, "train.lr=0.002"])],
        repo)
     sh([str(BIN / "dvc"), "exp", "run", "--run-all"], repo)
     launcher = "train.launcher=accelerate launch --config_file conf/accelerate/ddp_cpu.yaml"
-    sh([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "tiny-ddp", *set_args([*TINY_OVERRIDES, launcher])], repo)
+    sh([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "tiny-ddp", *set_args([*TINY_OVERRIDES, launcher]), "train"],
+       repo)
     return repo
 
 
@@ -190,7 +191,7 @@ def test_queued_and_temporary_experiments_land_in_the_same_store(first_run):
     assert {None, "tiny-queued", "tiny-ddp"} <= names
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
     assert len(list((repo / "mlruns").rglob("loss_curve.png"))) == 3
-    assert {str(v.version) for v in client.search_model_versions("name = 'fashion-captioner'")} == {"1", "2", "3"}
+    assert {str(v.version) for v in client.search_model_versions("name = 'fashion-captioner'")} == {"1", "2"}
 
 
 def test_dvc_compares_experiments_curves_metrics_and_changed_params(first_run):
@@ -218,8 +219,6 @@ def test_train_stage_runs_under_accelerate_launch_with_two_processes(first_run):
     train = json.loads(Path(client.download_artifacts(ddp.info.run_id, "train.json")).read_text())
     assert train["processes"] == 2 and train["steps"] == 12
     assert sorted(m.step for m in client.get_metric_history(ddp.info.run_id, "train_loss")) == list(range(1, 13))
-    versions = client.search_model_versions("name = 'fashion-captioner'")
-    assert [v.run_id for v in versions].count(ddp.info.run_id) == 1  # one model, registered once
     # the same global batch split over two processes: the same recipe, so nearly the same losses
     for metric in ("train_loss", "val_loss"):
         a, b = ddp.data.metrics[metric], single.data.metrics[metric]
