@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import os
@@ -39,16 +40,29 @@ def images_body(values: list[str]) -> dict:
     return {"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}
 
 
-@pytest.fixture
-def server(registry_env, tiny_params, tmp_path):
-    client, model_dir, data_dir = registry_env
-    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(1.0))
-    promotion.promote(client, NAME)
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    with background_server([sys.executable, "-m", "fashioncap.cli", "serve", "--port", str(port)],
-                           f"http://127.0.0.1:{port}/ping", tmp_path / "serve.log", tmp_path, env) as pid:
-        yield port, tiny_params, pid  # `fashioncap serve` execs mlflow: the same PID
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_model, tiny_raw):
+    """The tiny model registered, promoted and served by `fashioncap serve`, once for the module (the
+    tests only send requests)."""
+    from mlflow import MlflowClient
+
+    from fashioncap.config import parse_params
+    from fashioncap.runtime import QUIET_ENV
+
+    root = tmp_path_factory.mktemp("serving")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    params = parse_params(copy.deepcopy(tiny_raw))
+    model_dir, data_dir = tiny_model
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {**QUIET_ENV, "MLFLOW_TRACKING_URI": uri}.items():
+            mp.setenv(key, value)
+        mp.chdir(root)
+        register(params, new_run(params), model_dir, data_dir, table(1.0))
+        promotion.promote(MlflowClient(uri), NAME)
+        port = free_port()
+        with background_server([sys.executable, "-m", "fashioncap.cli", "serve", "--port", str(port)],
+                               f"http://127.0.0.1:{port}/ping", root / "serve.log", root, dict(os.environ)) as pid:
+            yield port, params, pid  # `fashioncap serve` execs mlflow: the same PID
 
 
 def noise_b64() -> str:

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import BIN, TINY_OVERRIDES, background_server, clone_project, free_port, set_args, sh
+from tests.conftest import BIN, TINY_OVERRIDES, background_server, copy_repo, free_port, set_args, sh
 from tests.conftest import png_b64
 
 pytestmark = pytest.mark.slow
@@ -38,11 +38,22 @@ def api(base: str, path: str, body: dict | None = None, **query: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def team_run(server, tmp_path_factory):
+def team_run(server, tiny_repo, tmp_path_factory):
+    """A team member's copy of the committed tiny project runs an experiment (another learning rate:
+    prepare's output comes from the DVC cache) against the server."""
     base, root = server
-    repo = clone_project(tmp_path_factory.mktemp("team") / "clone")
-    sh([str(BIN / "dvc"), "exp", "run", "-n", "team-run", *set_args(TINY_OVERRIDES)], repo, MLFLOW_TRACKING_URI=base)
+    repo = copy_repo(tiny_repo, tmp_path_factory.mktemp("team") / "clone")
+    local_store = local_store_state(repo)
+    sh([str(BIN / "dvc"), "exp", "run", "-n", "team-run", *set_args([*TINY_OVERRIDES, "train.lr=0.002"])], repo,
+       MLFLOW_TRACKING_URI=base)
+    assert local_store_state(repo) == local_store, "the experiment wrote to the local MLflow store"
     return base, root, repo
+
+
+def local_store_state(repo) -> tuple:
+    """The repository's own MLflow store (the committed run's): its database and artifact files."""
+    files = sorted(p for p in (repo / "mlruns").rglob("*") if p.is_file())
+    return (repo / "mlflow.db").read_bytes(), [(str(p), p.stat().st_size) for p in files]
 
 
 def test_runs_metrics_and_params_reach_the_server(team_run):
@@ -61,7 +72,6 @@ def test_runs_metrics_and_params_reach_the_server(team_run):
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
     assert metrics["test_after_cider_d"] == pytest.approx(evaluation["after"]["cider_d"])
-    assert not (repo / "mlflow.db").exists() and not (repo / "mlruns").exists()  # nothing went to a local store
 
 
 def test_artifacts_are_stored_by_the_server(team_run):

@@ -34,9 +34,12 @@ def checkpoint_step(workdir: Path) -> int:
         return 0
 
 
+STEPS = 28  # killed after the checkpoint of step 12: evaluations before and after the resume
+
+
 @pytest.fixture
 def long_params(tiny_raw, write_params):
-    train = {**tiny_raw["train"], "max_steps": 40, "eval_every": 10, "checkpoint_every": 4, "patience": 10}
+    train = {**tiny_raw["train"], "max_steps": STEPS, "eval_every": 8, "checkpoint_every": 4, "patience": 10}
     return write_params({**tiny_raw, "train": train})
 
 
@@ -67,7 +70,7 @@ def test_killed_training_resumes_to_bit_identical_results(tmp_path, long_params,
 
     resumed_at = int(re.search(r"resuming from the checkpoint of step (\d+)", (crashed / "stderr.log").read_text()).group(1))
     batch = yaml.safe_load(long_params.read_text())["train"]["batch_size"]
-    assert b["samples_per_second"] * b["train_seconds"] == pytest.approx((40 - resumed_at) * batch, rel=0.05)
+    assert b["samples_per_second"] * b["train_seconds"] == pytest.approx((STEPS - resumed_at) * batch, rel=0.05)
     assert (crashed / "best/model.safetensors").read_bytes() == (straight / "best/model.safetensors").read_bytes()
     assert not (crashed / "ckpt").exists()
 
@@ -76,7 +79,7 @@ def test_killed_training_resumes_to_bit_identical_results(tmp_path, long_params,
     client = MlflowClient(f"sqlite:///{crashed / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("fashioncap").experiment_id])
     assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
-    assert {m.step for m in client.get_metric_history(run_id, "train_loss")} == set(range(1, 41))
+    assert {m.step for m in client.get_metric_history(run_id, "train_loss")} == set(range(1, STEPS + 1))
 
 
 def test_a_swap_replaces_the_folder_whole_and_leaves_nothing_beside_it(tmp_path):
