@@ -1,12 +1,12 @@
-"""Caption text in its three forms: the training target, the scoring tokens and what users read.
+"""Caption text in two forms: the training target and what users read (the scoring tokens are COCO's:
+`ptb.coco_tokens`).
 
 - `clean_caption`: the text a model learns and a test set is scored against. Product copy needs its
   numbers, units and sentence breaks ("Heel 4.5 cm."), so only the encoding noise goes: unicode
   forms are folded, control characters and runs of white space become one space.
-- `normalize_caption`: the tokens the metrics compare (lower case, punctuation dropped, in-word hyphens
-  kept), applied by the scorer to references and hypotheses alike.
 - `display_caption`: a decoded caption made tidy for people: the WordPiece decoder's spaces around
-  punctuation removed ("4. 5 cm ." -> "4.5 cm."), sentences capitalised.
+  punctuation removed ("4. 5 cm ." -> "4.5 cm.", "t - shirt" -> "t-shirt"), sentences capitalised. Every
+  generated caption goes through it before it is shown, stored or scored; references never do.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import re
 import unicodedata
 
 _SPACED_HYPHEN = re.compile(r"(?<=\w)\s+-\s+(?=\w)")  # "t - shirt", as word-piece decoders write it
-_PUNCT = re.compile(r"[^\w\s-]|(?<!\w)-|-(?!\w)")
 _SPACE = re.compile(r"\s+")
 # C0/C1 controls and the line/paragraph separators that split a caption across lines in other tools
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -31,12 +30,6 @@ def clean_caption(text: str) -> str:
     """The caption as training target and reference: NFKC, one space between words, nothing else changed."""
     text = _CONTROL.sub(" ", unicodedata.normalize("NFKC", text))
     return _SPACE.sub(" ", text).strip()
-
-
-def normalize_caption(text: str) -> str:
-    """Scoring tokens: lower case, unicode folded, punctuation dropped (in-word hyphens kept), one space."""
-    text = _SPACED_HYPHEN.sub("-", unicodedata.normalize("NFKC", text).lower())
-    return _SPACE.sub(" ", _PUNCT.sub(" ", text)).strip()
 
 
 def display_caption(text: str) -> str:

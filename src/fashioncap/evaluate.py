@@ -7,9 +7,9 @@ import json
 import logging
 from pathlib import Path
 
-from .captions import normalize_caption
 from .config import Params, load_params
 from .metrics import caption_scores, per_item_cider_d
+from .ptb import coco_tokens
 from .modeling import caption_all, initial_model
 from .runtime import run_stage, stage_args
 from . import tracking
@@ -35,7 +35,7 @@ def score_table(references: list[str], before: list[str], after: list[str], nove
         novel_refs = [refs[i] for i in pick]
         table["before_novel"] = caption_scores(novel_refs, [before[i] for i in pick])
         table["after_novel"] = caption_scores(novel_refs, [after[i] for i in pick])
-    table["exact_match_after"] = sum(normalize_caption(a) == normalize_caption(r)
+    table["exact_match_after"] = sum(coco_tokens(a) == coco_tokens(r)
                                      for a, r in zip(after, references)) / len(references)
     return table
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .captions import normalize_caption
+from .ptb import coco_tokens
 
 
 @dataclass(frozen=True)
@@ -54,12 +54,12 @@ class _Corpus:
 
 
 def tokenised(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> tuple[list[list[str]], list[str]]:
-    """References and hypotheses as the scorer compares them (normalize_caption), checked to pair up."""
+    """References and hypotheses as the scorer compares them (COCO's PTB tokens), checked to pair up."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} reference lists but {len(hypotheses)} hypotheses")
     if any(len(refs) == 0 for refs in references):
         raise ValueError("every hypothesis needs at least one reference")
-    return [[normalize_caption(r) for r in refs] for refs in references], [normalize_caption(h) for h in hypotheses]
+    return [[coco_tokens(r) for r in refs] for refs in references], [coco_tokens(h) for h in hypotheses]
 
 
 def _split(references: Sequence[Sequence[str]], hypotheses: Sequence[str], n: int):
@@ -153,7 +153,7 @@ def _rouge_l(references: Sequence[Sequence[str]], hypotheses: Sequence[str], bet
 
 
 def caption_scores(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> dict[str, float]:
-    """Scores hypotheses against their references: bleu_1..4, cider_d, rouge_l (on normalize_caption tokens)."""
+    """Scores hypotheses against their references: bleu_1..4, cider_d, rouge_l (on COCO's PTB tokens)."""
     if not hypotheses:
         raise ValueError("nothing to score")
     result = bleu_cider_d(references, hypotheses)

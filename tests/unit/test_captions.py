@@ -2,7 +2,7 @@
 
 import pytest
 
-from fashioncap.captions import clean_caption, display_caption, normalize_caption
+from fashioncap.captions import clean_caption, display_caption
 from fashioncap.metrics import caption_scores
 
 
@@ -27,10 +27,10 @@ def test_captions_shown_to_people_are_tidy(decoded, shown):
     assert display_caption(decoded) == shown
 
 
-def test_scoring_ignores_case_and_punctuation_but_not_words():
+def test_scoring_ignores_case_and_punctuation_but_not_words_or_numbers():
     reference = ["Heel 4.5 cm. Black ankle boots."]
-    assert caption_scores([reference], ["heel 4 5 cm black ankle boots"])["bleu_4"] == pytest.approx(
-        caption_scores([reference], [normalize_caption(reference[0])])["bleu_4"])
+    assert caption_scores([reference], ["heel 4.5 cm black ankle boots"])["bleu_4"] == pytest.approx(1.0)
+    assert caption_scores([reference], ["heel 4 5 cm black ankle boots"])["bleu_4"] < 0.7  # "4.5" is one token
     same = caption_scores([reference, ["White trainers."]], ["HEEL 4.5 cm, black ankle boots!", "white trainers"])
     other = caption_scores([reference, ["White trainers."]], ["heel 6 cm black ankle boots", "white trainers"])
     assert same["bleu_1"] == pytest.approx(1.0) and other["bleu_1"] < same["bleu_1"]

@@ -1,0 +1,142 @@
+"""COCO-exact caption tokens without Java: what `pycocoevalcap`'s PTBTokenizer (Stanford CoreNLP 3.4.1,
+`-preserveLines -lowerCase`) followed by its punctuation removal makes of a caption.
+
+Every published captioning number (COCO, BLIP/LAVIS, the FACAD fashion baselines) is computed on these
+tokens, so the project scores on them too. The base is nltk's Treebank tokenizer (the same PTB rules:
+contractions "is n't", "can not", split currency and percent signs, brackets as -LRB-); the rules below
+make up the places where Stanford's tokenizer differs, each found by running both on real and
+fashion-style captions (tests/unit/test_ptb.py keeps the Java tokenizer as the oracle):
+
+- no "/" escaping in 3.4.1; words joined by slashes stay one token, in runs of at most three
+  ("xs/s/m / l/xl"), and a slash next to a decimal number or at a word's end is split off;
+- a period ends a word unless the word is a known abbreviation (Stanford's lists: titles, months,
+  companies, "etc", "vs", single letters and acronyms such as "u.s.", and "no."/"ca." before a number);
+- a decimal number glued to a unit is two tokens ("7.5cm" -> "7.5 cm"; "110cm" stays one);
+- unicode fractions are spelled out ("7½" -> "7 1/2");
+- unicode dashes and the ellipsis character are punctuation ("--", "..."), "£" and "€" become "#" and
+  "$", symbols such as "®", "™", "°", "~" are tokens of their own; runs of "!" and "?" stay one token;
+- an opening single quote is split off a word ("'the" -> "` the") except in "'n'", "'em", "'90s", and
+  "'tis" is "'t is";
+- "<...>" stays one token (SGML), only (), [] and {} are brackets.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+
+# pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS, compared after lower-casing as there: the bracket
+# tokens come out of the Java tokenizer lower-cased ("-lrb-"), so they stay, a quirk every published
+# number includes
+PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
+                          "--", "...", ";"])
+
+# Stanford PTBLexer's abbreviations (case as there): a period after them stays part of the word
+_MONTHS = "Jan|Feb|Mar|Apr|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec"
+_DAYS = "Mon|Tue|Tues|Wed|Thu|Thurs|Fri"
+_STATES = ("Ala|Ariz|[Aa]z|[Aa]rk|Calif|Colo|Conn|Ct|Dak|Del|Fla|Ga|[Ii]ll|Ind|Kans?|Ky|La|[Mm]ass|Md|Mich|Minn|"
+           "[Mm]iss|Mo|Mont|Neb|Nev|Okla|[Oo]re|Pa|Penn|Tenn|Tex|Va|Vt|[Ww]ash|Wisc?|Wyo")
+_COMPANIES = "Inc|Cos?|Corp|Pp?t[ye]s?|Ltd|Plc|Bancorp|Dept|Bhd|Assn|Univ|Intl|Sys"
+_TITLES = ("Mr|Mrs|Ms|[Mm]iss|Drs?|Profs?|Sens?|Reps?|Attys?|Lt|Col|Gen|Messrs|Govs?|Adm|Rev|Maj|Sgt|Cpl|Pvt|"
+           "Mt|Capt|Ste?|Ave|Pres|Lieut|Hon|Brig|Co?mdr|Pfc|Spc|Supts?|Det|M|MM|Mme|Mmes|Mlle|Mlles")
+_ABBREVIATION = re.compile(
+    rf"(?:{_MONTHS}|{_DAYS}|{_STATES}|{_COMPANIES}|tel|est|ext|sq|Jr|Sr|Bros|Blvd|Rd|Esq|etc|al|seq|"
+    rf"[A-Za-z]|{_TITLES}|vs|Alex|Wm|Jos|Cie|cf|TREAS|[A-Za-z](?:\.[A-Za-z])+|(?:Ed|Ph)\.D|a\.k\.a)\.", re.I)
+_BEFORE_NUMBER = re.compile(r"(?:ca|figs?|prop|nos?|art|bldg|pp|op)\.", re.I)
+_FRACTIONS = {"\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3"}
+_DECIMAL_UNIT = re.compile(r"^(\d*\.\d+)([A-Za-z]+)$")
+_SLASHED = re.compile(r"^[\w.-]+(?:/[\w.-]+)+$")
+_DECIMAL = re.compile(r"\d\.\d")
+_QUOTED_START = re.compile(r"^'(?!(?:n'?|t|em|\d0s|[sdm]|ll|re|ve)$)(?=\w)")
+
+
+@lru_cache(maxsize=1)
+def _treebank():
+    from nltk.tokenize import TreebankWordTokenizer
+
+    class _StanfordTreebank(TreebankWordTokenizer):
+        # Stanford keeps "<...>" whole (SGML) and pads the symbols nltk leaves attached
+        PARENS_BRACKETS = (re.compile(r"[\]\[\(\)\{\}]"), r" \g<0> ")
+        PUNCTUATION = [
+            *TreebankWordTokenizer.PUNCTUATION[:3],
+            (re.compile(r"[;@#$%~®™©°]|&(?![A-Z])|(?<![A-Z])&"), r" \g<0> "),
+            *TreebankWordTokenizer.PUNCTUATION[4:5],
+            (re.compile(r"[?!]+"), r" \g<0> "),
+            *TreebankWordTokenizer.PUNCTUATION[6:],
+        ]
+
+    return _StanfordTreebank()
+
+
+def _before(text: str) -> str:
+    text = text.replace("\n", " ")
+    text = re.sub(r"[\u2013\u2014\u2015]", " -- ", text)
+    text = text.replace("\u2026", " ... ").replace("£", "#").replace("€", "$")
+    for fraction, spelled in _FRACTIONS.items():
+        text = text.replace(fraction, f" {spelled}")
+    text = re.sub(r"\brock'n'roll\b", "rock 'n' roll", text, flags=re.I)
+    text = re.sub(r"(?<=\d)'(?=\d)", " ' ", text)  # 6'2": feet and inches
+    return re.sub(r"(?i)(?<![\w'])'tis\b", "'t is", text)
+
+
+def _split_slashes(token: str) -> list[str]:
+    """Words joined by slashes: runs of at most three stay one token; slashes next to a decimal number
+    or at an end are tokens of their own."""
+    if "/" not in token or token == "/":
+        return [token]
+    if not _SLASHED.match(token) or _DECIMAL.search(token):
+        parts = [p for p in re.split(r"(/)", token) if p]
+        return parts
+    parts = token.split("/")
+    out: list[str] = []
+    for start in range(0, len(parts), 3):
+        if out:
+            out.append("/")
+        out.append("/".join(parts[start : start + 3]))
+    return out
+
+
+def _split_period(token: str, following: str | None) -> list[str]:
+    """A word's final period is a token of its own unless the word is an abbreviation."""
+    if len(token) < 2 or not token.endswith(".") or token.endswith(".."):
+        return [token]
+    if _ABBREVIATION.fullmatch(token):
+        return [token]
+    if _BEFORE_NUMBER.fullmatch(token) and following is not None and following[:1].isdigit():
+        return [token]
+    if re.fullmatch(r"\d*\.\d+\.?", token) and not token.endswith("."):
+        return [token]
+    return [token[:-1], "."]
+
+
+def ptb_tokens(caption: str) -> list[str]:
+    """The caption's tokens as Stanford's PTBTokenizer writes them with -lowerCase (punctuation kept)."""
+    raw = _treebank().tokenize(_before(caption), convert_parentheses=True)
+    tokens: list[str] = []
+    for i, token in enumerate(raw):
+        following = raw[i + 1] if i + 1 < len(raw) else None
+        for piece in _split_slashes(token):
+            unit = _DECIMAL_UNIT.match(piece)
+            pieces = [unit.group(1), unit.group(2)] if unit else [piece]
+            for p in pieces:
+                quoted = _QUOTED_START.match(p)
+                if quoted and len(p) > 1:
+                    tokens.extend(["`", *_split_period(p[1:], following)])
+                else:
+                    tokens.extend(_split_period(p, following))
+    merged: list[str] = []
+    for token in tokens:
+        if token == "'" and merged and merged[-1] == "'n":  # nltk splits the closing quote off "'n'"
+            merged[-1] = "'n'"
+        else:
+            merged.append(token)
+    if len(merged) > 1 and merged[-1] == "." and _ABBREVIATION.fullmatch(merged[-2] + "."):
+        merged[-2:] = [merged[-2] + "."]  # nltk splits the final period off "etc." too
+    return [t.lower() for t in merged]
+
+
+@lru_cache(maxsize=1 << 16)  # references are scored again at every validation
+def coco_tokens(caption: str) -> str:
+    """The caption as the COCO evaluation scores it: PTB tokens, lower case, punctuation tokens dropped,
+    joined by single spaces."""
+    return " ".join(t for t in ptb_tokens(caption) if t not in PUNCTUATIONS)

@@ -1,0 +1,74 @@
+"""COCO's PTB tokens without Java: each rule of fashioncap.ptb, with the output of the real Stanford
+PTBTokenizer 3.4.1 + pycocoevalcap's punctuation removal as the expected value (tests/stage/
+test_coco_parity.py runs the Java tokenizer itself on whole corpora)."""
+
+import pytest
+
+from fashioncap.ptb import coco_tokens
+
+
+@pytest.mark.parametrize(("caption", "official"), [
+    # contractions, as the Penn Treebank splits them
+    ("The bag isn't lined and can't be machine-washed.", "the bag is n't lined and ca n't be machine-washed"),
+    ("You cannot return worn items.", "you can not return worn items"),
+    ("Jenny's favourite jeans", "jenny 's favourite jeans"),
+    ("don't won't gonna wanna", "do n't wo n't gon na wan na"),
+    ("the 1990's fashion", "the 1990 's fashion"),
+    # numbers and symbols stay (fashion copy is full of them)
+    ("Shorts in twill: 98% cotton, 2% elastane.", "shorts in twill 98 % cotton 2 % elastane"),
+    ("Price $29.99 (incl. VAT), 1,000 pieces only!", "price $ 29.99 -lrb- incl vat -rrb- 1,000 pieces only"),
+    ("price £20 or €30", "price # 20 or $ 30"),
+    ("Dungarees with straps & buttons", "dungarees with straps & buttons"),
+    ("H&M top", "h&m top"),
+    ("at&t phone", "at & t phone"),
+    ("Shoes with Velcro® fastenings, 20° wash", "shoes with velcro ® fastenings 20 ° wash"),
+    ("~5 cm", "~ 5 cm"),
+    # slashes: no escaping, at most three words joined
+    ("Black/white striped top with 3/4 sleeves", "black/white striped top with 3/4 sleeves"),
+    ("Size: XS/S/M/L/XL.", "size xs/s/m / l/xl"),
+    ("Swimsuit w/ lined cups", "swimsuit w / lined cups"),
+    ("4.8/5 stars", "4.8 / 5 stars"),
+    # decimals glued to units are split, integers are not
+    ("Hat with a 7.5cm brim", "hat with a 7.5 cm brim"),
+    ("A dress that's 110cm long.", "a dress that 's 110cm long"),
+    ("Shoe size 7½.", "shoe size 7 1/2"),
+    # periods: abbreviations keep theirs
+    ("approx. 5 cm long", "approx 5 cm long"),
+    ("a dress etc.", "a dress etc."),
+    ("Mr. Smith, Dr. Martens, no. 5, ca. 3 cm", "mr. smith dr. martens no. 5 ca. 3 cm"),
+    ("made in the U.S.A. by hand", "made in the u.s.a. by hand"),
+    ("Sizes S, M, L. Colours red, blue.", "sizes s m l. colours red blue"),
+    # quotes, dashes, brackets, ellipses
+    ('A "vintage" look', "a vintage look"),
+    ("The brand's icon: 'the little black dress'.", "the brand 's icon the little black dress"),
+    ("Rock 'n' roll T-shirt, '90s style", "rock 'n' roll t-shirt '90s style"),
+    ("'tis the season", "'t is the season"),
+    ("Dress - perfect for parties.", "dress perfect for parties"),
+    ("Necklace — 45 cm long – adjustable; sizes 36–42", "necklace 45 cm long adjustable sizes 36 42"),
+    ("top … and lace trims...", "top and lace trims"),
+    ("Watch (grey bezel) [new] {case}", "watch -lrb- grey bezel -rrb- -lsb- new -rsb- -lcb- case -rcb-"),
+    ("(a) [b] {c} <d>", "-lrb- a -rrb- -lsb- b -rsb- -lcb- c -rcb- <d>"),
+    ("wow!!! great?!", "wow !!! great ?!"),
+    ("Model is 189cm/6'2\" tall.", "model is 189cm/6 2 tall"),
+    # no unicode folding: PTB keeps the ligature
+    ("Coat with ﬁne stitching", "coat with ﬁne stitching"),
+    ("Café-style apron", "café-style apron"),
+    # line breaks are spaces
+    ("a few people standing around a table\n", "a few people standing around a table"),
+])
+def test_tokens_equal_the_official_coco_tokenisation(caption, official):
+    assert coco_tokens(caption) == official
+
+
+def test_punctuation_only_captions_become_empty_or_keep_what_ptb_keeps():
+    assert coco_tokens(".") == "" and coco_tokens("...") == "" and coco_tokens(" - ") == ""
+    assert coco_tokens("!!!") == "!!!"
+
+
+def test_word_piece_spacing_is_not_undone_by_the_tokeniser():
+    """Decoder cleanup ("t - shirt" -> "t-shirt") belongs to generated captions (display_caption), not
+    to the tokeniser that references go through."""
+    assert coco_tokens("a red t - shirt") == "a red t shirt"
+    from fashioncap.captions import display_caption
+
+    assert coco_tokens(display_caption("a red t - shirt")) == "a red t-shirt"
