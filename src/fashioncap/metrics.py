@@ -132,20 +132,30 @@ def _cider_d(corpus: _Corpus, hyp: np.ndarray, slots: np.ndarray, n: int, sigma:
     return total / n / has_ref.sum(axis=1) * 10.0
 
 
-def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
-    row = [0] * (len(b) + 1)
-    for x in a:
-        prev = 0
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], prev + 1 if x == y else max(row[j], row[j - 1])
-    return row[-1]
+def _lcs(a: Sequence[str], masks: dict[str, int], length: int) -> int:
+    """Length of the longest common subsequence of `a` and a sequence of `length` words whose positions
+    `masks` holds as bits, bit-parallel (Hyyro 2004): one big-integer step per word of `a` instead of a
+    row of the dynamic programme."""
+    v = ones = (1 << length) - 1
+    for word in a:
+        u = v & masks.get(word, 0)
+        v = ((v + u) | (v - u)) & ones
+    return length - v.bit_count()
+
+
+def _positions(words: Sequence[str]) -> dict[str, int]:
+    masks: dict[str, int] = {}
+    for i, word in enumerate(words):
+        masks[word] = masks.get(word, 0) | 1 << i
+    return masks
 
 
 def _rouge_l(references: Sequence[Sequence[str]], hypotheses: Sequence[str], beta: float = 1.2) -> list[float]:
     scores = []
     for rs, h in zip(references, hypotheses):
         cand = h.split(" ")
-        lcs = [(_lcs(r.split(" "), cand), len(r.split(" "))) for r in rs]
+        masks = _positions(cand)
+        lcs = [(_lcs(r.split(" "), masks, len(cand)), len(r.split(" "))) for r in rs]
         prec = max(m / len(cand) for m, _ in lcs)
         rec = max(m / rl for m, rl in lcs)
         scores.append((1 + beta**2) * prec * rec / (rec + beta**2 * prec) if prec and rec else 0.0)

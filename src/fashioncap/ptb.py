@@ -109,8 +109,43 @@ def _split_period(token: str, following: str | None) -> list[str]:
     return [token[:-1], "."]
 
 
+# Most captions hold only words, numbers, hyphens and a comma or period at a word's end: for them the
+# Treebank rules reduce to splitting those off, 10x faster than running them (a test holds both equal)
+_PLAIN = re.compile(r"[A-Za-z0-9 ,.\-]*")
+_NOT_PLAIN = re.compile(r",\S|\.\.|--|(?:^|\s)[,.]|^[.,\s-]*$|(?i:\b(?:cannot|gimme|gonna|gotta|lemme|wanna)\b)")
+
+
+def _plain_tokens(caption: str) -> list[str]:
+    words = caption.split()
+    tokens: list[str] = []
+    for i, word in enumerate(words):
+        comma = word.endswith(",")
+        word = word[:-1] if comma else word
+        following = words[i + 1] if i + 1 < len(words) else None
+        final_period = following is None and word.endswith(".") and not comma and len(word) > 1
+        base = word[:-1] if final_period else word  # nltk splits the final period off first
+        unit = _DECIMAL_UNIT.match(base)
+        pieces = [unit.group(1), unit.group(2)] if unit else [base]
+        if final_period:
+            tokens += pieces[:-1] + ([pieces[-1] + "."] if _ABBREVIATION.fullmatch(pieces[-1] + ".")
+                                     else [pieces[-1], "."])
+        elif unit:
+            tokens += pieces
+        else:
+            tokens += _split_period(word, following)
+        if comma:
+            tokens.append(",")
+    return [t.lower() for t in tokens]
+
+
 def ptb_tokens(caption: str) -> list[str]:
     """The caption's tokens as Stanford's PTBTokenizer writes them with -lowerCase (punctuation kept)."""
+    if _PLAIN.fullmatch(caption) and not _NOT_PLAIN.search(caption):
+        return _plain_tokens(caption)
+    return _slow_tokens(caption)
+
+
+def _slow_tokens(caption: str) -> list[str]:
     raw = _treebank().tokenize(_before(caption), convert_parentheses=True)
     tokens: list[str] = []
     for i, token in enumerate(raw):

@@ -72,3 +72,33 @@ def test_word_piece_spacing_is_not_undone_by_the_tokeniser():
     from fashioncap.captions import display_caption
 
     assert coco_tokens(display_caption("a red t - shirt")) == "a red t-shirt"
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+PLAIN_WORDS = ["a", "Red", "dress", "cannot", "etc.", "Mr.", "no.", "ca.", "7.5cm", "U.S.", "1,000", "3.5", "-",
+               "x.", "5", "t-shirt", "approx.", "Inc.", "gonna", "L."]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(PLAIN_WORDS), min_size=1, max_size=9), st.sampled_from(["", ".", ",", " .", ","]))
+def test_the_fast_path_for_plain_captions_equals_the_full_rules(words, end):
+    from fashioncap import ptb
+
+    caption = " ".join(words) + end
+    assert ptb.ptb_tokens(caption) == ptb._slow_tokens(caption)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="abXY019 ,.-", max_size=30))
+def test_the_fast_path_equals_the_full_rules_on_any_plain_text(caption):
+    from fashioncap import ptb
+
+    assert ptb.ptb_tokens(caption) == ptb._slow_tokens(caption)
+
+
+def test_plain_captions_take_the_fast_path(monkeypatch):
+    from fashioncap import ptb
+
+    monkeypatch.setattr(ptb, "_slow_tokens", lambda caption: pytest.fail(f"slow path for {caption!r}"))
+    assert ptb.ptb_tokens("A red dress, 7.5cm long.") == ["a", "red", "dress", ",", "7.5", "cm", "long", "."]
