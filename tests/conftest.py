@@ -47,6 +47,7 @@ TINY_OVERRIDES = [
     "generate.max_new_tokens=24",
     "generate.batch_size=16",
     "evaluate.table_images=10",
+    "evaluate.meteor=false",  # its Java takes 5 s to start: on in the committed tiny project only (tiny_repo)
     "registry.max_images=4",
     "registry.max_pixels=10000",
     "registry.max_request_bytes=60000",
@@ -230,7 +231,8 @@ def tiny_repo(tmp_path_factory) -> Path:
     environment that must never reach MLflow) and its results committed, as one would push them. Built
     once per session; end-to-end tests work on their own copies (copy_repo) and never change it."""
     repo = clone_project(tmp_path_factory.mktemp("tiny-repo") / "repo")
-    (repo / "params.yaml").write_text(yaml.safe_dump(compose(TINY_OVERRIDES), sort_keys=False))
+    params = compose([*TINY_OVERRIDES, "evaluate.meteor=true"])
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git(repo, "commit", "-qam", "tiny params")
     sh([str(BIN / "dvc"), "repro"], repo, **FAKE_SECRETS, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1")
     git(repo, "add", "-A")

@@ -152,6 +152,7 @@ class GenerateParams(_Section):
 class EvaluateParams(_Section):
     max_items: PositiveInt | None
     table_images: NonNegInt  # test images (thumbnails) in the MLflow predictions table
+    meteor: bool  # METEOR 1.5 beside BLEU/CIDEr-D/ROUGE-L; needs Java
 
 
 class ReportParams(_Section):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 from pathlib import Path
 
 from .config import Params, load_params
-from .metrics import caption_scores, per_item_cider_d
+from .metrics import Meteor, caption_scores, per_item_cider_d
 from .ptb import coco_tokens
 from .modeling import caption_all, initial_model
 from .runtime import run_stage, stage_args
@@ -25,16 +26,18 @@ def testset_digest(keys: list[str], references: list[str]) -> str:
     return h.hexdigest()
 
 
-def score_table(references: list[str], before: list[str], after: list[str], novel: list[bool]) -> dict:
-    """Before/after scores on the whole test split and on its items whose caption never occurs in training."""
+def score_table(references: list[str], before: list[str], after: list[str], novel: list[bool],
+                meteor: Meteor | None = None) -> dict:
+    """Before/after scores on the whole test split and on its items whose caption never occurs in training
+    (METEOR too, given a Meteor)."""
     refs = [[r] for r in references]
     table = {"test_items": len(references), "novel_items": sum(novel),
-             "before": caption_scores(refs, before), "after": caption_scores(refs, after)}
+             "before": caption_scores(refs, before, meteor), "after": caption_scores(refs, after, meteor)}
     if any(novel):
         pick = [i for i, n in enumerate(novel) if n]
         novel_refs = [refs[i] for i in pick]
-        table["before_novel"] = caption_scores(novel_refs, [before[i] for i in pick])
-        table["after_novel"] = caption_scores(novel_refs, [after[i] for i in pick])
+        table["before_novel"] = caption_scores(novel_refs, [before[i] for i in pick], meteor)
+        table["after_novel"] = caption_scores(novel_refs, [after[i] for i in pick], meteor)
     table["exact_match_after"] = sum(coco_tokens(a) == coco_tokens(r)
                                      for a, r in zip(after, references)) / len(references)
     return table
@@ -56,7 +59,8 @@ def per_category(categories: list[str | None], references: list[str], before: li
     return out
 
 
-def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None) -> tuple[dict, list[dict], list]:
+def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None,
+             meteor: Meteor | None = None) -> tuple[dict, list[dict], list]:
     """Captions the test split with the initial and the fine-tuned weights; returns scores, predictions and
     the test images."""
     import datasets
@@ -76,7 +80,7 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None)
     del before_model
     after_model = BlipForConditionalGeneration.from_pretrained(model_dir, use_safetensors=True).to(device)
     after = caption_all(after_model, processor, images, params.generate, desc="caption (after)")
-    table = score_table(references, before, after, [r not in seen for r in references])
+    table = score_table(references, before, after, [r not in seen for r in references], meteor)
     table["test_digest"] = testset_digest(list(test["key"]), references)
     categories = list(test["category"])
     table["per_category"] = per_category(categories, references, before, after)
@@ -105,7 +109,10 @@ def prediction_table(predictions: list[dict], images: list, limit: int) -> dict[
 def main(argv: list[str] | None = None) -> None:
     args = stage_args(__doc__, argv, "data", "model_dir", "run_ref", "metrics", "predictions")
     params = load_params(args.params)
-    table, predictions, images = evaluate(params, args.data, args.model_dir, params.evaluate.max_items)
+    # METEOR's Java starts first: without Java the stage stops in a second, naming evaluate.meteor
+    with contextlib.ExitStack() as stack:
+        meteor = stack.enter_context(Meteor()) if params.evaluate.meteor else None
+        table, predictions, images = evaluate(params, args.data, args.model_dir, params.evaluate.max_items, meteor)
     metrics, preds = args.metrics, args.predictions
     metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.write_text(json.dumps(table, indent=2) + "\n")

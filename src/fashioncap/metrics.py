@@ -11,12 +11,14 @@ are sparse-matrix arithmetic over the whole set (benchmarks/ measures the speed-
 from __future__ import annotations
 
 import math
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from .ptb import coco_tokens
+from .runtime import FashioncapError
 
 
 @dataclass(frozen=True)
@@ -162,13 +164,57 @@ def _rouge_l(references: Sequence[Sequence[str]], hypotheses: Sequence[str], bet
     return scores
 
 
-def caption_scores(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> dict[str, float]:
-    """Scores hypotheses against their references: bleu_1..4, cider_d, rouge_l (on COCO's PTB tokens)."""
+class MeteorError(FashioncapError):
+    """METEOR cannot run here (no Java)."""
+
+
+NO_JAVA = ("METEOR is computed as the COCO evaluation computes it, by the METEOR 1.5 jar that pycocoevalcap "
+           "ships, which needs Java, and there is no `java` on PATH. Install Java (Debian/Ubuntu: apt-get install "
+           "default-jre-headless) or turn METEOR off for this run: -S evaluate.meteor=false")
+
+
+class Meteor:
+    """METEOR 1.5 as the COCO evaluation runs it (pycocoevalcap's jar under Java, `-l en -norm`) on COCO's
+    PTB tokens. One Java process per instance, reused for every call: it takes ~5 s to start (the
+    paraphrase table loads). Use as a context manager, or close()."""
+
+    def __init__(self):
+        if shutil.which("java") is None:
+            raise MeteorError(NO_JAVA)
+        from pycocoevalcap.meteor.meteor import Meteor as CocoMeteor
+
+        self._scorer = CocoMeteor()
+
+    def __call__(self, references: Sequence[Sequence[str]], hypotheses: Sequence[str]) -> float:
+        refs, hyps = tokenised(references, hypotheses)
+        score, _ = self._scorer.compute_score({i: r for i, r in enumerate(refs)}, {i: [h] for i, h in enumerate(hyps)})
+        return float(score)
+
+    def close(self) -> None:
+        process = self._scorer.meteor_p
+        if process.poll() is None:
+            process.stdin.close()
+            process.kill()
+            process.wait()
+
+    def __enter__(self) -> "Meteor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def caption_scores(references: Sequence[Sequence[str]], hypotheses: Sequence[str],
+                   meteor: Meteor | None = None) -> dict[str, float]:
+    """Scores hypotheses against their references: bleu_1..4, cider_d, rouge_l and, given a Meteor, meteor
+    (all on COCO's PTB tokens)."""
     if not hypotheses:
         raise ValueError("nothing to score")
     result = bleu_cider_d(references, hypotheses)
     rouge = _rouge_l(*tokenised(references, hypotheses))
     result["rouge_l"] = sum(rouge) / len(rouge)
+    if meteor is not None:
+        result["meteor"] = meteor(references, hypotheses)
     return result
 
 

@@ -77,7 +77,9 @@ def model_card(params: Params, table: dict, run) -> str:
         f"Data: {source[params.data.source]}; test split of {table['test_items']} items, "
         f"{table['novel_items']} with captions unseen in training.",
         f"Test CIDEr-D {b['cider_d']:.3f} -> {a['cider_d']:.3f}, BLEU-4 {b['bleu_4']:.3f} -> {a['bleu_4']:.3f}, "
-        f"ROUGE-L {b['rouge_l']:.3f} -> {a['rouge_l']:.3f} (before -> after fine-tuning).",
+        f"ROUGE-L {b['rouge_l']:.3f} -> {a['rouge_l']:.3f}"
+        + (f", METEOR {b['meteor']:.3f} -> {a['meteor']:.3f}" if "meteor" in a else "")
+        + " (before -> after fine-tuning).",
         f"Run {run.info.run_id}, git commit {run.data.tags.get('mlflow.source.git.commit', 'unknown')}.",
         "Input: base64-encoded images (column `image`); output: one caption per image.",
         "Limitations: describes products in the style of its training captions; English only; "
@@ -130,7 +132,8 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
     tags = {promotion.CIDER_TAG: str(table["after"]["cider_d"]), promotion.BLEU_TAG: str(table["after"]["bleu_4"]),
             promotion.DIGEST_TAG: table["test_digest"], promotion.RUN_TAG: run_id,
             "model_digest": run.data.tags.get("model.digest", "unknown"),
-            promotion.COMMIT_TAG: run.data.tags.get("mlflow.source.git.commit", "unknown")}
+            promotion.COMMIT_TAG: run.data.tags.get("mlflow.source.git.commit", "unknown"),
+            **{f"test_{m}": str(table["after"][m]) for m in ("rouge_l", "meteor") if m in table["after"]}}
     version = mlflow.register_model(info.model_uri, params.registry.name, tags=tags)
     client.update_model_version(params.registry.name, version.version, description=model_card(params, table, run))
     return version

@@ -18,8 +18,8 @@ from . import tracking
 
 log = logging.getLogger(__name__)
 
-METRICS = ("bleu_1", "bleu_4", "cider_d", "rouge_l")
-LABELS = {"bleu_1": "BLEU-1", "bleu_4": "BLEU-4", "cider_d": "CIDEr-D", "rouge_l": "ROUGE-L"}
+METRICS = ("bleu_1", "bleu_4", "cider_d", "rouge_l", "meteor")
+LABELS = {"bleu_1": "BLEU-1", "bleu_4": "BLEU-4", "cider_d": "CIDEr-D", "rouge_l": "ROUGE-L", "meteor": "METEOR"}
 
 STYLE = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1180px;color:#1d2330;
@@ -77,11 +77,15 @@ def data_uri(data: bytes) -> str:
 
 
 def _scores_table(rows: list[tuple[str, dict, dict]]) -> str:
-    head = "".join(f"<th>{LABELS[m]} before</th><th>after</th>" for m in METRICS)
+    shown = [m for m in METRICS if any(m in after for _, _, after in rows)]  # METEOR only when the run had it
+    head = "".join(f"<th>{LABELS[m]} before</th><th>after</th>" for m in shown)
     body = []
     for name, before, after in rows:
         cells = []
-        for m in METRICS:
+        for m in shown:
+            if m not in after:
+                cells.append("<td>–</td><td>–</td>")
+                continue
             a, b = round(after[m], 3), round(before[m], 3)  # coloured only where the shown digits differ
             cls = "up" if a > b else "down" if a < b else ""
             cells.append(f"<td>{before[m]:.3f}</td><td class='{cls}'>{after[m]:.3f}</td>")

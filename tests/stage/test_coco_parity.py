@@ -97,3 +97,37 @@ def test_every_metric_equals_the_official_pipeline(corpus):
     assert ours.keys() == official.keys()
     for name, value in official.items():
         assert ours[name] == pytest.approx(value, abs=1e-4), (name, ours[name], value)
+
+
+@pytest.mark.parametrize("corpus", ["coco", "fashion"])
+def test_meteor_equals_the_official_pipeline(corpus):
+    from pycocoevalcap.meteor.meteor import Meteor as CocoMeteor
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    from fashioncap.metrics import Meteor
+
+    references, hypotheses = scoring_set(coco_captions() if corpus == "coco" else fashion_captions(), seed=2)
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(references)})
+    res = tokenizer.tokenize({i: [{"caption": h}] for i, h in enumerate(hypotheses)})
+    official, _ = CocoMeteor().compute_score(gts, res)
+    with Meteor() as meteor:
+        ours = caption_scores(references, hypotheses, meteor)["meteor"]
+    assert ours == pytest.approx(official, abs=1e-3) and 0.1 < ours < 1
+
+
+def test_evaluate_without_java_stops_at_once_naming_the_param(monkeypatch, tmp_path, tiny_raw, write_params):
+    import time
+
+    from fashioncap import evaluate, metrics
+    from fashioncap.metrics import MeteorError
+
+    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    params = write_params({**tiny_raw, "evaluate": {**tiny_raw["evaluate"], "meteor": True}})
+    started = time.monotonic()
+    with pytest.raises(MeteorError, match=r"-S evaluate\.meteor=false") as error:
+        evaluate.main(["--params", str(params), "--data", str(tmp_path / "none"), "--model-dir", str(tmp_path / "none"),
+                       "--run-ref", str(tmp_path / "run.json"), "--metrics", str(tmp_path / "eval.json"),
+                       "--predictions", str(tmp_path / "p.jsonl")])
+    assert "default-jre-headless" in str(error.value) and time.monotonic() - started < 5
+    assert not (tmp_path / "eval.json").exists()
