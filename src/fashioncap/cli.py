@@ -194,6 +194,14 @@ def cmd_caption(args) -> int:
     return 1 if not captions else 0
 
 
+def cmd_score(args) -> int:
+    from .scoring import score_files, table
+
+    scores = score_files(Path(args.references), Path(args.predictions), meteor=not args.no_meteor)
+    print(json.dumps(scores) if args.json else table(scores))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fashioncap", description=__doc__)
     p.add_argument("--name", help="registered model name (default: registry.name of params.yaml)")
@@ -232,6 +240,13 @@ def parser() -> argparse.ArgumentParser:
     caption.add_argument("--json", action="store_true", help="one JSON object per line")
     caption.add_argument("--batch-size", type=int, default=16)
     caption.set_defaults(func=cmd_caption)
+    score = sub.add_parser("score", help="score captions against references with the pipeline's metrics (COCO "
+                           "tokenisation, BLEU-1..4, CIDEr-D, ROUGE-L, METEOR)")
+    score.add_argument("--references", required=True, help='JSON lines: {"id": ..., "references": ["...", ...]}')
+    score.add_argument("--predictions", required=True, help='JSON lines: {"id": ..., "caption": "..."}')
+    score.add_argument("--json", action="store_true", help="one JSON object with every metric")
+    score.add_argument("--no-meteor", action="store_true", help="leave METEOR out (it needs Java)")
+    score.set_defaults(func=cmd_score)
     return p
 
 

@@ -53,7 +53,7 @@ def java_tokens(captions: list[str]) -> list[str]:
     return [out[i][0] for i in range(len(captions))]
 
 
-def official_scores(references: list[list[str]], hypotheses: list[str]) -> dict[str, float]:
+def official_scores(references: list[list[str]], hypotheses: list[str], meteor: bool = False) -> dict[str, float]:
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -63,8 +63,13 @@ def official_scores(references: list[list[str]], hypotheses: list[str]) -> dict[
     gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(references)})
     res = tokenizer.tokenize({i: [{"caption": h}] for i, h in enumerate(hypotheses)})
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return {**{f"bleu_{k + 1}": b for k, b in enumerate(bleu)}, "cider_d": Cider().compute_score(gts, res)[0],
-            "rouge_l": Rouge().compute_score(gts, res)[0]}
+    scores = {**{f"bleu_{k + 1}": b for k, b in enumerate(bleu)}, "cider_d": Cider().compute_score(gts, res)[0],
+              "rouge_l": Rouge().compute_score(gts, res)[0]}
+    if meteor:
+        from pycocoevalcap.meteor.meteor import Meteor as CocoMeteor
+
+        scores["meteor"] = CocoMeteor().compute_score(gts, res)[0]
+    return scores
 
 
 def scoring_set(captions: list[str], seed: int) -> tuple[list[list[str]], list[str]]:
@@ -99,23 +104,6 @@ def test_every_metric_equals_the_official_pipeline(corpus):
         assert ours[name] == pytest.approx(value, abs=1e-4), (name, ours[name], value)
 
 
-@pytest.mark.parametrize("corpus", ["coco", "fashion"])
-def test_meteor_equals_the_official_pipeline(corpus):
-    from pycocoevalcap.meteor.meteor import Meteor as CocoMeteor
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-    from fashioncap.metrics import Meteor
-
-    references, hypotheses = scoring_set(coco_captions() if corpus == "coco" else fashion_captions(), seed=2)
-    tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({i: [{"caption": r} for r in refs] for i, refs in enumerate(references)})
-    res = tokenizer.tokenize({i: [{"caption": h}] for i, h in enumerate(hypotheses)})
-    official, _ = CocoMeteor().compute_score(gts, res)
-    with Meteor() as meteor:
-        ours = caption_scores(references, hypotheses, meteor)["meteor"]
-    assert ours == pytest.approx(official, abs=1e-3) and 0.1 < ours < 1
-
-
 def test_evaluate_without_java_stops_at_once_naming_the_param(monkeypatch, tmp_path, tiny_raw, write_params):
     import time
 
@@ -131,3 +119,45 @@ def test_evaluate_without_java_stops_at_once_naming_the_param(monkeypatch, tmp_p
                        "--predictions", str(tmp_path / "p.jsonl")])
     assert "default-jre-headless" in str(error.value) and time.monotonic() - started < 5
     assert not (tmp_path / "eval.json").exists()
+
+
+def test_fashioncap_score_and_the_evaluate_module_equal_the_official_pipeline(tmp_path, monkeypatch):
+    """The whole user-facing path: files -> `fashioncap score --json` (its own process, METEOR on) and
+    `evaluate.load(fashioncap.EVALUATE_METRIC)` offline, against Java PTBTokenizer + pycocoevalcap
+    (METEOR: its jar on the Java tokens) on the fashion and COCO corpora together."""
+    import subprocess
+    import sys
+
+    references, hypotheses = scoring_set(fashion_captions() + coco_captions(), seed=3)
+    refs_file, preds_file = tmp_path / "refs.jsonl", tmp_path / "preds.jsonl"
+    refs_file.write_text("".join(json.dumps({"id": f"item-{i}", "references": r}) + "\n"
+                                 for i, r in enumerate(references)))
+    preds_file.write_text("".join(json.dumps({"id": f"item-{i}", "caption": h}) + "\n"
+                                  for i, h in reversed(list(enumerate(hypotheses)))))
+    proc = subprocess.run([sys.executable, "-m", "fashioncap.cli", "score", "--references", str(refs_file),
+                           "--predictions", str(preds_file), "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    cli_scores = json.loads(proc.stdout)
+
+    # the official pipeline sees the items in the files' id order, as `score` pairs them
+    order = sorted(range(len(hypotheses)), key=lambda i: f"item-{i}")
+    references, hypotheses = [references[i] for i in order], [hypotheses[i] for i in order]
+    official = official_scores(references, hypotheses, meteor=True)
+    assert set(cli_scores) == set(official)
+    for name, value in official.items():
+        assert cli_scores[name] == pytest.approx(value, abs=1e-3 if name == "meteor" else 1e-4), name
+
+    import evaluate
+
+    import fashioncap
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    # METEOR through the module is the same call with meteor=True (tests/unit/test_scoring.py): its Java is
+    # not started a third time here
+    metric = evaluate.load(fashioncap.EVALUATE_METRIC, "no-meteor")
+    without_meteor = {k: v for k, v in cli_scores.items() if k != "meteor"}
+    assert metric.compute(predictions=hypotheses, references=references) == pytest.approx(without_meteor, abs=1e-12)
+    single = metric.compute(predictions=hypotheses, references=[r[0] for r in references])
+    assert single == pytest.approx(caption_scores([[r[0]] for r in references], hypotheses), abs=1e-12)
