@@ -195,9 +195,11 @@ def cmd_caption(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from .scoring import score_files, table
+    from .scoring import default_vocabulary, score_files, table
 
-    scores = score_files(Path(args.references), Path(args.predictions), meteor=not args.no_meteor)
+    vocabulary = None if args.no_attributes else Path(args.attributes) if args.attributes else default_vocabulary()
+    scores = score_files(Path(args.references), Path(args.predictions), meteor=not args.no_meteor,
+                         attributes=vocabulary)
     print(json.dumps(scores) if args.json else table(scores))
     return 0
 
@@ -246,6 +248,8 @@ def parser() -> argparse.ArgumentParser:
     score.add_argument("--predictions", required=True, help='JSON lines: {"id": ..., "caption": "..."}')
     score.add_argument("--json", action="store_true", help="one JSON object with every metric")
     score.add_argument("--no-meteor", action="store_true", help="leave METEOR out (it needs Java)")
+    score.add_argument("--attributes", help="attribute vocabulary (default: conf/attributes.yaml of the project)")
+    score.add_argument("--no-attributes", action="store_true", help="leave the attribute scores out")
     score.set_defaults(func=cmd_score)
     return p
 

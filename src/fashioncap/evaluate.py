@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from .config import Params, load_params
+from .attributes import Vocabulary, attribute_scores, confusions
 from .metrics import Meteor, caption_scores, per_item_cider_d
 from .ptb import coco_tokens
 from .modeling import caption_all, initial_model
@@ -27,7 +28,7 @@ def testset_digest(keys: list[str], references: list[str]) -> str:
 
 
 def score_table(references: list[str], before: list[str], after: list[str], novel: list[bool],
-                meteor: Meteor | None = None) -> dict:
+                meteor: Meteor | None = None, vocabulary: Vocabulary | None = None) -> dict:
     """Before/after scores on the whole test split and on its items whose caption never occurs in training
     (METEOR too, given a Meteor)."""
     refs = [[r] for r in references]
@@ -38,6 +39,10 @@ def score_table(references: list[str], before: list[str], after: list[str], nove
         novel_refs = [refs[i] for i in pick]
         table["before_novel"] = caption_scores(novel_refs, [before[i] for i in pick], meteor)
         table["after_novel"] = caption_scores(novel_refs, [after[i] for i in pick], meteor)
+    if vocabulary is not None:
+        table["attributes"] = {"before": attribute_scores(vocabulary, refs, before),
+                               "after": attribute_scores(vocabulary, refs, after),
+                               "confusions_after": confusions(vocabulary, refs, after)}
     table["exact_match_after"] = sum(coco_tokens(a) == coco_tokens(r)
                                      for a, r in zip(after, references)) / len(references)
     return table
@@ -59,8 +64,8 @@ def per_category(categories: list[str | None], references: list[str], before: li
     return out
 
 
-def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None,
-             meteor: Meteor | None = None) -> tuple[dict, list[dict], list]:
+def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None, meteor: Meteor | None = None,
+             vocabulary: Vocabulary | None = None) -> tuple[dict, list[dict], list]:
     """Captions the test split with the initial and the fine-tuned weights; returns scores, predictions and
     the test images."""
     import datasets
@@ -80,7 +85,7 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None,
     del before_model
     after_model = BlipForConditionalGeneration.from_pretrained(model_dir, use_safetensors=True).to(device)
     after = caption_all(after_model, processor, images, params.generate, desc="caption (after)")
-    table = score_table(references, before, after, [r not in seen for r in references], meteor)
+    table = score_table(references, before, after, [r not in seen for r in references], meteor, vocabulary)
     table["test_digest"] = testset_digest(list(test["key"]), references)
     categories = list(test["category"])
     table["per_category"] = per_category(categories, references, before, after)
@@ -107,12 +112,14 @@ def prediction_table(predictions: list[dict], images: list, limit: int) -> dict[
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_args(__doc__, argv, "data", "model_dir", "run_ref", "metrics", "predictions")
+    args = stage_args(__doc__, argv, "data", "model_dir", "run_ref", "metrics", "predictions", "attributes")
     params = load_params(args.params)
+    vocabulary = Vocabulary.load(args.attributes)
     # METEOR's Java starts first: without Java the stage stops in a second, naming evaluate.meteor
     with contextlib.ExitStack() as stack:
         meteor = stack.enter_context(Meteor()) if params.evaluate.meteor else None
-        table, predictions, images = evaluate(params, args.data, args.model_dir, params.evaluate.max_items, meteor)
+        table, predictions, images = evaluate(params, args.data, args.model_dir, params.evaluate.max_items, meteor,
+                                              vocabulary)
     metrics, preds = args.metrics, args.predictions
     metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.write_text(json.dumps(table, indent=2) + "\n")

@@ -133,7 +133,9 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
             promotion.DIGEST_TAG: table["test_digest"], promotion.RUN_TAG: run_id,
             "model_digest": run.data.tags.get("model.digest", "unknown"),
             promotion.COMMIT_TAG: run.data.tags.get("mlflow.source.git.commit", "unknown"),
-            **{f"test_{m}": str(table["after"][m]) for m in ("rouge_l", "meteor") if m in table["after"]}}
+            **{f"test_{m}": str(table["after"][m]) for m in ("rouge_l", "meteor") if m in table["after"]},
+            **{f"test_attr_{kind}_f1": str(s["f1"]) for kind, s in table.get("attributes", {}).get("after", {}).items()
+               if s["f1"] is not None}}
     version = mlflow.register_model(info.model_uri, params.registry.name, tags=tags)
     client.update_model_version(params.registry.name, version.version, description=model_card(params, table, run))
     return version

@@ -108,6 +108,30 @@ def _card(p: dict, image: str) -> str:
             f"{text}</div>")
 
 
+def _attributes_section(attributes: dict) -> str:
+    """Per attribute type: precision, recall and F1 before and after, and the most frequent confusions."""
+    def cell(value) -> str:
+        return "–" if value is None else f"{value:.3f}"
+
+    rows = []
+    for kind, after in attributes["after"].items():
+        before = attributes["before"][kind]
+        if not after["expected"] and not after["stated"] and not before["stated"]:
+            continue
+        rows.append(f"<tr><td>{html.escape(kind)}</td>" + "".join(
+            f"<td>{cell(before[m])}</td><td>{cell(after[m])}</td>" for m in ("precision", "recall", "f1"))
+            + f"<td>{after['expected']}</td></tr>")
+    head = ("<tr><th>attribute type</th><th>precision before</th><th>after</th><th>recall before</th><th>after</th>"
+            "<th>F1 before</th><th>after</th><th>in references</th></tr>")
+    confused = "".join(f"<li>{html.escape(c['type'])}: reference <b>{html.escape(c['reference'])}</b> → caption "
+                       f"<b>{html.escape(c['caption'])}</b> ({c['count']}×)</li>"
+                       for c in attributes.get("confusions_after", []))
+    return ("<h2>Attributes</h2><p>Colours, patterns, materials, garment types and details stated by the captions "
+            "against those of the references (conf/attributes.yaml).</p>"
+            f"<table>{head}{''.join(rows)}</table>"
+            + (f"<h3>Most frequent confusions after fine-tuning</h3><ul>{confused}</ul>" if confused else ""))
+
+
 def render(title: str, evaluation: dict, training: dict, predictions: list[dict], gallery: dict[str, list[dict]],
            images: dict[str, bytes], loss_curve: bytes | None, meta: dict[str, str]) -> str:
     """The report as one HTML string."""
@@ -122,6 +146,8 @@ def render(title: str, evaluation: dict, training: dict, predictions: list[dict]
              f"<h2>Test scores</h2><p>{evaluation['test_items']} test images; per-item CIDEr-D after fine-tuning is "
              f"<span class='up'>higher on {counts['better']}</span>, <span class='down'>lower on "
              f"{counts['worse']}</span> and unchanged on {counts['same']}.</p>", _scores_table(rows)]
+    if evaluation.get("attributes"):
+        parts.append(_attributes_section(evaluation["attributes"]))
     categories = evaluation.get("per_category") or {}
     if categories:
         parts.append("<h2>By category</h2>")

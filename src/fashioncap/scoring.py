@@ -7,8 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .attributes import Vocabulary, attribute_scores, flat
 from .metrics import Meteor, caption_scores
-from .runtime import FashioncapError
+from .runtime import FashioncapError, project_root
 
 METRICS = ("bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider_d", "rouge_l", "meteor")
 
@@ -80,17 +81,30 @@ def paired(references: dict[str, list[str]], predictions: dict[str, str], refs_p
     return [references[k] for k in keys], [predictions[k] for k in keys]
 
 
-def score(references: list[list[str]], predictions: list[str], meteor: bool = True) -> dict[str, float]:
-    """Every metric of the pipeline on these captions (METEOR starts Java for the call)."""
-    if not meteor:
-        return caption_scores(references, predictions)
-    with Meteor() as scorer:
-        return caption_scores(references, predictions, scorer)
+def default_vocabulary() -> Path | None:
+    """The project's attribute vocabulary (conf/attributes.yaml), when run inside the project."""
+    path = project_root() / "conf" / "attributes.yaml"
+    return path if path.is_file() else None
 
 
-def score_files(references: Path, predictions: Path, meteor: bool = True) -> dict[str, float]:
+def score(references: list[list[str]], predictions: list[str], meteor: bool = True,
+          attributes: str | Path | None = None) -> dict[str, float]:
+    """Every metric of the pipeline on these captions (METEOR starts Java for the call), and with an
+    attribute vocabulary, attr/<type>/<precision|recall|f1> as the pipeline logs them."""
+    if meteor:
+        with Meteor() as scorer:
+            scores = caption_scores(references, predictions, scorer)
+    else:
+        scores = caption_scores(references, predictions)
+    if attributes is not None:
+        scores.update(flat(attribute_scores(Vocabulary.load(attributes), references, predictions)))
+    return scores
+
+
+def score_files(references: Path, predictions: Path, meteor: bool = True,
+                attributes: Path | None = None) -> dict[str, float]:
     refs, preds = paired(read_references(references), read_predictions(predictions), references, predictions)
-    return score(refs, preds, meteor)
+    return score(refs, preds, meteor, attributes)
 
 
 def table(scores: dict[str, float]) -> str:

@@ -97,6 +97,9 @@ def mlflow_metrics(table: dict) -> dict[str, float]:
         for name, value in table.get(when, {}).items():
             out[f"test_{when}_{name}"] = value
     out["test_exact_match_after"] = table["exact_match_after"]
+    for when, suffix in (("after", ""), ("before", "_before")):  # attr/<type>/<precision|recall|f1>
+        for kind, s in table.get("attributes", {}).get(when, {}).items():
+            out.update({f"attr/{kind}/{m}{suffix}": s[m] for m in ("precision", "recall", "f1") if s[m] is not None})
     for category, scores in table.get("per_category", {}).items():
         for when in ("before", "after"):
             for name in ("cider_d", "bleu_4"):

@@ -72,6 +72,10 @@ def test_tiny_offline_pipeline_writes_metrics_lock_and_predictions(first_run):
         assert set(evaluation[when]) == {"bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider_d", "rouge_l", "meteor"}
     assert 0 <= evaluation["after"]["meteor"] <= 1
     assert "<th>METEOR before</th>" in (repo / "reports/report.html").read_text()
+    attributes = evaluation["attributes"]
+    assert set(attributes["after"]) == {"colour", "pattern", "material", "garment", "detail"}
+    assert attributes["after"]["colour"]["expected"] > evaluation["test_items"]  # every product has colours
+    assert "<h2>Attributes</h2>" in (repo / "reports/report.html").read_text()
     prepared = json.loads((repo / "metrics/prepare.json").read_text())
     assert evaluation["test_items"] == prepared["test_items"]
     predictions = [json.loads(line) for line in (repo / "reports/predictions.jsonl").read_text().splitlines()]
@@ -96,6 +100,8 @@ def test_registered_version_carries_its_scores_and_promotes(first_run):
     assert float(candidate.tags["test_cider_d"]) == pytest.approx(evaluation["after"]["cider_d"])
     assert candidate.tags["data_digest"] == evaluation["test_digest"]
     assert float(candidate.tags["test_meteor"]) == pytest.approx(evaluation["after"]["meteor"])
+    garment = evaluation["attributes"]["after"]["garment"]["f1"]
+    assert float(candidate.tags["test_attr_garment_f1"]) == pytest.approx(garment)
     promoted = sh([str(BIN / "fashioncap"), "promote", "1"], first_run)
     assert "fashion-captioner@champion: nothing -> version 1" in promoted.stdout
     again = sh([str(BIN / "dvc"), "repro", "--force", "--single-item", "register"], first_run)  # re-run: no new version
@@ -122,6 +128,10 @@ def test_one_mlflow_run_with_params_loss_history_and_eval_metrics(first_run):
     evaluation = json.loads((first_run / "metrics/eval.json").read_text())
     assert run.data.metrics["test_after_cider_d"] == pytest.approx(evaluation["after"]["cider_d"])
     assert run.data.metrics["test_after_meteor"] == pytest.approx(evaluation["after"]["meteor"])
+    colour = evaluation["attributes"]["after"]["colour"]
+    assert run.data.metrics["attr/colour/recall"] == pytest.approx(colour["recall"])
+    assert run.data.metrics["attr/colour/precision_before"] == pytest.approx(
+        evaluation["attributes"]["before"]["colour"]["precision"])
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"loss_curve.png", "eval.json", "predictions.jsonl", "train.json", "report.html",
             "predictions_table.json"} <= artifacts

@@ -21,6 +21,7 @@ from fashioncap.ptb import coco_tokens
 
 pytestmark = pytest.mark.slow  # runs Java
 DATA = Path(__file__).resolve().parents[1] / "data"
+ATTRIBUTES = Path(__file__).resolve().parents[2] / "conf" / "attributes.yaml"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -116,7 +117,7 @@ def test_evaluate_without_java_stops_at_once_naming_the_param(monkeypatch, tmp_p
     with pytest.raises(MeteorError, match=r"-S evaluate\.meteor=false") as error:
         evaluate.main(["--params", str(params), "--data", str(tmp_path / "none"), "--model-dir", str(tmp_path / "none"),
                        "--run-ref", str(tmp_path / "run.json"), "--metrics", str(tmp_path / "eval.json"),
-                       "--predictions", str(tmp_path / "p.jsonl")])
+                       "--predictions", str(tmp_path / "p.jsonl"), "--attributes", str(ATTRIBUTES)])
     assert "default-jre-headless" in str(error.value) and time.monotonic() - started < 5
     assert not (tmp_path / "eval.json").exists()
 
@@ -135,7 +136,8 @@ def test_fashioncap_score_and_the_evaluate_module_equal_the_official_pipeline(tm
     preds_file.write_text("".join(json.dumps({"id": f"item-{i}", "caption": h}) + "\n"
                                   for i, h in reversed(list(enumerate(hypotheses)))))
     proc = subprocess.run([sys.executable, "-m", "fashioncap.cli", "score", "--references", str(refs_file),
-                           "--predictions", str(preds_file), "--json"], capture_output=True, text=True, timeout=300)
+                           "--predictions", str(preds_file), "--json", "--attributes", str(ATTRIBUTES)],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     cli_scores = json.loads(proc.stdout)
 
@@ -143,7 +145,8 @@ def test_fashioncap_score_and_the_evaluate_module_equal_the_official_pipeline(tm
     order = sorted(range(len(hypotheses)), key=lambda i: f"item-{i}")
     references, hypotheses = [references[i] for i in order], [hypotheses[i] for i in order]
     official = official_scores(references, hypotheses, meteor=True)
-    assert set(cli_scores) == set(official)
+    assert set(cli_scores) == set(official) | {k for k in cli_scores if k.startswith("attr/")}
+    assert cli_scores["attr/colour/precision"] > 0
     for name, value in official.items():
         assert cli_scores[name] == pytest.approx(value, abs=1e-3 if name == "meteor" else 1e-4), name
 
@@ -158,6 +161,7 @@ def test_fashioncap_score_and_the_evaluate_module_equal_the_official_pipeline(tm
     # not started a third time here
     metric = evaluate.load(fashioncap.EVALUATE_METRIC, "no-meteor")
     without_meteor = {k: v for k, v in cli_scores.items() if k != "meteor"}
-    assert metric.compute(predictions=hypotheses, references=references) == pytest.approx(without_meteor, abs=1e-12)
+    assert metric.compute(predictions=hypotheses, references=references,
+                          attributes=str(ATTRIBUTES)) == pytest.approx(without_meteor, abs=1e-12)
     single = metric.compute(predictions=hypotheses, references=[r[0] for r in references])
     assert single == pytest.approx(caption_scores([[r[0]] for r in references], hypotheses), abs=1e-12)

@@ -32,7 +32,8 @@ def files(tmp_path):
 
 def test_score_json_holds_the_pipelines_scores_paired_by_id(files, capsys):
     refs, preds = files
-    code, out, _ = run(capsys, "--references", str(refs), "--predictions", str(preds), "--json", "--no-meteor")
+    code, out, _ = run(capsys, "--references", str(refs), "--predictions", str(preds), "--json", "--no-meteor",
+                       "--no-attributes")
     assert code == 0
     expected = caption_scores([["A red dress.", "a red gown"], ["White trainers with 3.5 cm soles."]],
                               ["a red dress", "White trainers, 3.5 cm soles"])
@@ -40,6 +41,7 @@ def test_score_json_holds_the_pipelines_scores_paired_by_id(files, capsys):
     assert list(json.loads(out)) == ["bleu_1", "bleu_2", "bleu_3", "bleu_4", "cider_d", "rouge_l"]
     code, table, _ = run(capsys, "--references", str(refs), "--predictions", str(preds), "--no-meteor")
     assert code == 0 and "CIDEr-D" in table and f"{expected['cider_d']:.4f}" in table
+    assert "attr/colour/precision" in table  # the project's vocabulary by default: red, white
 
 
 @pytest.mark.parametrize(("refs", "preds", "message"), [
@@ -70,7 +72,8 @@ def test_the_evaluate_module_asks_for_meteor_unless_loaded_as_no_meteor(monkeypa
     from fashioncap import scoring
 
     asked = []
-    monkeypatch.setattr(scoring, "score", lambda refs, preds, meteor=True: asked.append(meteor) or {"bleu_1": 1.0})
+    monkeypatch.setattr(scoring, "score",
+                        lambda refs, preds, meteor=True, attributes=None: asked.append(meteor) or {"bleu_1": 1.0})
     monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
     monkeypatch.setenv("HF_EVALUATE_OFFLINE", "1")
     for config, expected in ((None, True), ("no-meteor", False)):

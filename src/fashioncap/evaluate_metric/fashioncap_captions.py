@@ -4,7 +4,8 @@
     import fashioncap
     metric = evaluate.load(fashioncap.EVALUATE_METRIC)                  # with METEOR (needs Java)
     metric = evaluate.load(fashioncap.EVALUATE_METRIC, "no-meteor")     # without
-    metric.compute(predictions=["a red dress"], references=[["A red dress.", "a red gown"]])
+    metric.compute(predictions=["a red dress"], references=[["A red dress.", "a red gown"]],
+                   attributes="conf/attributes.yaml")                    # optional: attribute scores
 
 Returns the dict the pipeline writes (bleu_1..bleu_4, cider_d, rouge_l, meteor): COCO's PTB
 tokenisation and pycocoevalcap's formulas, computed by fashioncap.scoring, offline.
@@ -21,6 +22,8 @@ _KWARGS = """
 Args:
     predictions: list of captions, one per item.
     references: per item, a reference caption or a list of reference captions.
+    attributes: optional path of an attribute vocabulary (the project's conf/attributes.yaml): adds
+        attr/<type>/precision, recall and f1.
 Returns:
     bleu_1, bleu_2, bleu_3, bleu_4, cider_d, rouge_l and (unless loaded as "no-meteor") meteor.
 """
@@ -40,6 +43,6 @@ class FashioncapCaptions(evaluate.Metric):
             ],
         )
 
-    def _compute(self, predictions, references):
+    def _compute(self, predictions, references, attributes=None):
         refs = [[r] if isinstance(r, str) else list(r) for r in references]
-        return scoring.score(refs, list(predictions), meteor=self.config_name != "no-meteor")
+        return scoring.score(refs, list(predictions), meteor=self.config_name != "no-meteor", attributes=attributes)

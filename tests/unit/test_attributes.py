@@ -1,0 +1,60 @@
+"""Fashion attribute precision and recall: the vocabulary in conf/, extraction, the scores."""
+
+import pytest
+
+from fashioncap.attributes import Vocabulary, VocabularyError, attribute_scores, confusions
+from fashioncap.synthetic import catalogue
+from tests.conftest import REPO
+
+VOCABULARY = REPO / "conf" / "attributes.yaml"
+FUNCTION_WORDS = {"a", "with", "and", "pair", "of"}
+
+
+@pytest.fixture(scope="module")
+def vocabulary() -> Vocabulary:
+    return Vocabulary.load(VOCABULARY)
+
+
+def test_the_vocabulary_covers_every_attribute_the_synthetic_catalogue_draws(vocabulary):
+    """Every word of every synthetic caption but the function words is part of an attribute phrase, so an
+    offline run reports real attribute scores."""
+    missed = {}
+    for product in catalogue(7, 2000, 16):
+        for token in vocabulary.covered(product.caption):
+            if token not in FUNCTION_WORDS:
+                missed.setdefault(token, product.caption)
+    assert not missed, missed
+    kinds = {kind for p in catalogue(7, 200, 16) for kind, _ in vocabulary.extract(p.caption)}
+    assert kinds == {"colour", "pattern", "material", "garment", "detail"}
+
+
+def test_longest_phrase_first_and_synonyms_name_one_attribute(vocabulary):
+    found = vocabulary.extract("A navy blue T-shirt with a V-neck, short-sleeved; gray stripes in 100% cotton.")
+    assert found == {("colour", "navy"), ("garment", "t-shirt"), ("detail", "v-neck"), ("detail", "short sleeves"),
+                     ("colour", "grey"), ("pattern", "striped"), ("material", "cotton")}
+    assert vocabulary.extract("grey dress") == vocabulary.extract("Gray dress.")
+    assert vocabulary.extract("a watch with link bracelet") == {("garment", "watch"), ("detail", "link bracelet")}
+
+
+def test_precision_recall_and_f1_per_type_against_the_references(vocabulary):
+    references = [["a red dress with long sleeves", "a red gown"], ["white trainers"], ["a black bag"]]
+    captions = ["a red dress with short sleeves", "white and black trainers", "a bag"]
+    scores = attribute_scores(vocabulary, references, captions)
+    colour = scores["colour"]  # said: red | white, black | -; expected: red | white | black
+    assert (colour["correct"], colour["stated"], colour["expected"]) == (2, 3, 3)
+    assert colour["precision"] == pytest.approx(2 / 3) and colour["recall"] == pytest.approx(2 / 3)
+    assert scores["detail"]["precision"] == 0.0 and scores["detail"]["f1"] == 0.0
+    assert scores["garment"]["precision"] == scores["garment"]["recall"] == 1.0  # "gown" is not in the vocabulary
+    assert scores["material"]["precision"] is None and scores["material"]["f1"] is None  # nothing stated
+    assert confusions(vocabulary, references, captions) == [
+        {"type": "detail", "reference": "long sleeves", "caption": "short sleeves", "count": 1}]
+
+
+def test_a_phrase_with_two_meanings_is_refused(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("colour:\n  navy: [navy]\ngarment:\n  navy: [Navy]\n")
+    with pytest.raises(VocabularyError, match="means both colour.navy and garment.navy"):
+        Vocabulary.load(path)
+    path.write_text("colour: [red]\n")
+    with pytest.raises(VocabularyError, match="expected a mapping of attributes"):
+        Vocabulary.load(path)
