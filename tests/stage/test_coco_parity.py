@@ -122,12 +122,11 @@ def test_evaluate_without_java_stops_at_once_naming_the_param(monkeypatch, tmp_p
     assert not (tmp_path / "eval.json").exists()
 
 
-def test_fashioncap_score_and_the_evaluate_module_equal_the_official_pipeline(tmp_path, monkeypatch):
-    """The whole user-facing path: files -> `fashioncap score --json` (its own process, METEOR on) and
+def test_fashioncap_score_and_the_evaluate_module_equal_the_official_pipeline(tmp_path, monkeypatch, capsys):
+    """The whole user-facing path: files -> `fashioncap score --json` (METEOR on) and
     `evaluate.load(fashioncap.EVALUATE_METRIC)` offline, against Java PTBTokenizer + pycocoevalcap
     (METEOR: its jar on the Java tokens) on the fashion and COCO corpora together."""
-    import subprocess
-    import sys
+    from fashioncap import cli
 
     references, hypotheses = scoring_set(fashion_captions() + coco_captions(), seed=3)
     refs_file, preds_file = tmp_path / "refs.jsonl", tmp_path / "preds.jsonl"
@@ -135,11 +134,12 @@ def test_fashioncap_score_and_the_evaluate_module_equal_the_official_pipeline(tm
                                  for i, r in enumerate(references)))
     preds_file.write_text("".join(json.dumps({"id": f"item-{i}", "caption": h}) + "\n"
                                   for i, h in reversed(list(enumerate(hypotheses)))))
-    proc = subprocess.run([sys.executable, "-m", "fashioncap.cli", "score", "--references", str(refs_file),
-                           "--predictions", str(preds_file), "--json", "--attributes", str(ATTRIBUTES)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    cli_scores = json.loads(proc.stdout)
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["score", "--references", str(refs_file), "--predictions", str(preds_file), "--json",
+                  "--attributes", str(ATTRIBUTES)])
+    out = capsys.readouterr()
+    assert ended.value.code == 0, out.err
+    cli_scores = json.loads(out.out)
 
     # the official pipeline sees the items in the files' id order, as `score` pairs them
     order = sorted(range(len(hypotheses)), key=lambda i: f"item-{i}")
