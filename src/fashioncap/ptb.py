@@ -85,8 +85,7 @@ def _split_slashes(token: str) -> list[str]:
     if "/" not in token or token == "/":
         return [token]
     if not _SLASHED.match(token) or _DECIMAL.search(token):
-        parts = [p for p in re.split(r"(/)", token) if p]
-        return parts
+        return [p for p in re.split(r"(/)", token) if p]
     parts = token.split("/")
     out: list[str] = []
     for start in range(0, len(parts), 3):

@@ -3,6 +3,7 @@ PTBTokenizer 3.4.1 + pycocoevalcap's punctuation removal as the expected value (
 test_coco_parity.py runs the Java tokenizer itself on whole corpora)."""
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from fashioncap.ptb import coco_tokens
 
@@ -73,8 +74,6 @@ def test_word_piece_spacing_is_not_undone_by_the_tokeniser():
 
     assert coco_tokens(display_caption("a red t - shirt")) == "a red t-shirt"
 
-
-from hypothesis import given, settings, strategies as st  # noqa: E402
 
 PLAIN_WORDS = ["a", "Red", "dress", "cannot", "etc.", "Mr.", "no.", "ca.", "7.5cm", "U.S.", "1,000", "3.5", "-",
                "x.", "5", "t-shirt", "approx.", "Inc.", "gonna", "L."]
