@@ -146,7 +146,7 @@ def train_command(workdir: Path, params: Path, data_dir: Path) -> list[str]:
             "--model-dir", str(workdir / "best"), "--run-ref", str(workdir / "run.json"),
             "--metrics", str(workdir / "train.json"), "--train-log", str(workdir / "train_log.csv"),
             "--val-log", str(workdir / "val_log.csv"), "--checkpoint-dir", str(workdir / "ckpt"),
-            "--loss-curve", str(workdir / "loss_curve.png")]
+            "--loss-curve", str(workdir / "loss_curve.png"), "--fingerprint", str(workdir / "fingerprint.json")]
 
 
 def train_outputs(workdir: Path):
@@ -154,7 +154,7 @@ def train_outputs(workdir: Path):
     from fashioncap.train import Outputs
 
     return Outputs(workdir / "best", workdir / "run.json", workdir / "train.json", workdir / "train_log.csv",
-                   workdir / "val_log.csv", workdir / "ckpt", workdir / "loss_curve.png")
+                   workdir / "val_log.csv", workdir / "ckpt", workdir / "loss_curve.png", workdir / "fingerprint.json")
 
 
 def table(cider: float, digest: str = "d1") -> dict:

@@ -155,6 +155,13 @@ class EvaluateParams(_Section):
     meteor: bool  # METEOR 1.5 beside BLEU/CIDEr-D/ROUGE-L; needs Java
 
 
+class NumericsParams(_Section):
+    # kernels the CPU computes with: native (the best this CPU has) or a family pinned so that every x86
+    # CPU that supports it gives the same bits (fingerprint.FAMILIES)
+    cpu_kernels: Literal["native", "avx2", "avx512"]
+    threads: Annotated[int, Field(ge=1, le=1024)] | None  # null: torch's default, one per core
+
+
 class ReportParams(_Section):
     gallery_items: Annotated[int, Field(ge=2, le=1000)]
 
@@ -179,6 +186,7 @@ class Params(_Section):
     train: TrainParams
     generate: GenerateParams
     evaluate: EvaluateParams
+    numerics: NumericsParams
     report: ReportParams
     tracking: TrackingParams
     registry: RegistryParams

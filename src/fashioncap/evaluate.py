@@ -14,7 +14,7 @@ from .metrics import Meteor, caption_scores, per_item_cider_d
 from .ptb import coco_tokens
 from .modeling import caption_all, initial_model
 from .runtime import run_stage, stage_args
-from . import tracking
+from . import fingerprint, tracking
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,7 @@ def prediction_table(predictions: list[dict], images: list, limit: int) -> dict[
 def main(argv: list[str] | None = None) -> None:
     args = stage_args(__doc__, argv, "data", "model_dir", "run_ref", "metrics", "predictions", "attributes")
     params = load_params(args.params)
+    fingerprint.pin(params.numerics.cpu_kernels, params.numerics.threads)  # before torch computes anything
     vocabulary = Vocabulary.load(args.attributes)
     # METEOR's Java starts first: without Java the stage stops in a second, naming evaluate.meteor
     with contextlib.ExitStack() as stack:
@@ -128,6 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     with tracking.resume_run(tracking.read_run_ref(args.run_ref)):
         import mlflow
 
+        # captions are generated in full precision, whatever precision the model was trained in
+        tracking.check_machine(mlflow.active_run().info.run_id, fingerprint.fingerprint(Path.cwd(), "no"),
+                               "changed_in_evaluate", "evaluating", ignore=("mixed_precision",))
         mlflow.log_metrics(tracking.mlflow_metrics(table))
         mlflow.log_artifact(str(metrics))
         mlflow.log_artifact(str(preds))

@@ -20,14 +20,18 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import lineage
-from .tracking import mlflow_metrics
+from . import fingerprint, lineage
+from .tracking import mlflow_metrics, run_fingerprint
 from .runtime import FashioncapError
 
 log = logging.getLogger(__name__)
 
-# bf16 autocast and non-deterministic GPU kernels move metrics slightly between runs.
+# bf16 autocast and non-deterministic GPU kernels move metrics slightly between runs on the same card.
 GPU_RELATIVE_TOLERANCE = 0.02
+# Machines that compute differently (other kernels, threads, versions, device) train other weights: the
+# metrics then agree only within a band. Measured: the offline profile's test CIDEr-D moved by ~1% between
+# two CPUs; after 150 steps settings spread it by up to 9%, so 5% is a sanity band, not a proof.
+CROSS_MACHINE_TOLERANCE = 0.05
 STAGE_LINE = re.compile(r"Running stage '([\w-]+)'")
 STEP_LINE = re.compile(r"\bstep (\d+)/(\d+) loss")
 REPORT_EVERY_S = 10.0
@@ -44,8 +48,16 @@ class Target:
     revision: str
     what: str
     original: dict[str, float]
-    tolerance: float
+    machine: dict[str, str]  # the original's fingerprint ({}: made before fingerprints were recorded)
     model_digest: str | None = None  # DVC's md5 of the trained model when the result was made
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How close the re-run must come, and why."""
+
+    tolerance: float  # relative; 0: bit-identical
+    reason: str
 
 
 def git(args: list[str], cwd: Path, check: bool = True) -> str | None:
@@ -68,7 +80,7 @@ def exp_revision(repo: Path, name: str) -> str | None:
 
 
 # where revisions older than `paths.eval_metrics` in dvc.yaml kept them
-LEGACY_PATHS = {"model": "models/best", "eval_metrics": "metrics/eval.json"}
+LEGACY_PATHS = {"model": "models/best", "eval_metrics": "metrics/eval.json", "fingerprint": "metrics/fingerprint.json"}
 
 
 def paths_at(repo: Path, revision: str) -> dict[str, str]:
@@ -86,11 +98,35 @@ def model_digest_at(repo: Path, revision: str) -> str | None:
         return lineage.lock_digests(Path(tmp) / "dvc.lock").get(model)
 
 
+def machine_at(repo: Path, revision: str) -> dict[str, str]:
+    """The fingerprint the train stage committed at a revision ({} before fingerprints were recorded)."""
+    text = git(["show", f"{revision}:{paths_at(repo, revision)['fingerprint']}"], repo, check=False)
+    return json.loads(text) if text else {}
+
+
+def require_lock(repo: Path, revision: str, ref: str) -> None:
+    """A revision without dvc.lock has no result to reproduce: says which revisions have one."""
+    if git(["cat-file", "-e", f"{revision}:dvc.lock"], repo, check=False) is not None:
+        return
+    hints = []
+    prefix = f"refs/exps/{revision[:2]}/{revision[2:]}/"
+    exps = git(["for-each-ref", "--format=%(refname)", prefix], repo, check=False) or ""
+    if names := [line.removeprefix(prefix) for line in exps.splitlines()]:
+        hints.append("its DVC experiments: " + ", ".join(names[:8]))
+    for commit in (git(["rev-list", "--max-count=200", revision], repo, check=False) or "").split()[1:]:
+        if git(["cat-file", "-e", f"{commit}:dvc.lock"], repo, check=False) is not None:
+            hints.append(f"the nearest earlier commit with a result: {commit[:10]}")
+            break
+    hints.append("or run it first (`dvc exp run`) and reproduce the experiment")
+    raise ReproduceError(f"{ref} ({revision[:10]}) has no dvc.lock: nothing was run at that commit, so there is "
+                         f"no result to reproduce. Reproduce " + "; ".join(hints))
+
+
 def metrics_at(repo: Path, revision: str) -> dict[str, float]:
     """The test metrics committed at a revision, flattened as MLflow names them."""
     path = paths_at(repo, revision).get("eval_metrics")
     text = git(["show", f"{revision}:{path}"], repo, check=False) if path else None
-    return mlflow_metrics(json.loads(text)) if text else {}
+    return {k: v for k, v in mlflow_metrics(json.loads(text)).items() if k.startswith("test_")} if text else {}
 
 
 def _from_run(client, run_id: str, repo: Path, what: str) -> Target:
@@ -102,12 +138,13 @@ def _from_run(client, run_id: str, repo: Path, what: str) -> Target:
         raise ReproduceError(f"no MLflow run {run_id} in this tracking store") from None
     tags = run.data.tags
     original = {k: v for k, v in run.data.metrics.items() if k.startswith("test_")}
-    tolerance = GPU_RELATIVE_TOLERANCE if tags.get("device", "cpu") != "cpu" else 0.0
+    # runs from before fingerprints say at least their device
+    machine = run_fingerprint(tags) or ({"device": tags["device"]} if "device" in tags else {})
     exp = tags.get("dvc.exp_name")
     revision = exp_revision(repo, exp) if exp else None
     digest = tags.get("model.digest")
     if revision:
-        return Target(revision, f"{what} (DVC experiment '{exp}')", original, tolerance, digest)
+        return Target(revision, f"{what} (DVC experiment '{exp}')", original, machine, digest)
     if tags.get("git.dirty") == "true":
         raise ReproduceError(f"run {run_id} was made from a tree with uncommitted changes "
                              f"({tags.get('git.dirty_paths', 'unknown paths')}): its code and params are not in git")
@@ -115,7 +152,7 @@ def _from_run(client, run_id: str, repo: Path, what: str) -> Target:
     if not commit or git(["cat-file", "-e", f"{commit}^{{commit}}"], repo, check=False) is None:
         raise ReproduceError(f"commit {commit or '(none recorded)'} of run {run_id} is not in this repository; "
                              "fetch it first")
-    return Target(commit, f"{what} (commit {commit[:10]})", original, tolerance, digest)
+    return Target(commit, f"{what} (commit {commit[:10]})", original, machine, digest)
 
 
 def resolve(ref: str, repo: Path, client) -> Target:
@@ -136,13 +173,14 @@ def resolve(ref: str, repo: Path, client) -> Target:
     if re.fullmatch(r"[0-9a-f]{32}", ref):
         return _from_run(client, ref, repo, f"MLflow run {ref}")
     revision = exp_revision(repo, ref)
+    what = f"DVC experiment '{ref}'"
+    if not revision:
+        revision, what = git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], repo, check=False), \
+            f"git revision {ref}"
     if revision:
-        return Target(revision, f"DVC experiment '{ref}' ({revision[:10]})", metrics_at(repo, revision), 0.0,
+        require_lock(repo, revision, ref)
+        return Target(revision, f"{what} ({revision[:10]})", metrics_at(repo, revision), machine_at(repo, revision),
                       model_digest_at(repo, revision))
-    commit = git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], repo, check=False)
-    if commit:
-        return Target(commit, f"git revision {ref} ({commit[:10]})", metrics_at(repo, commit), 0.0,
-                      model_digest_at(repo, commit))
     raise ReproduceError(f"'{ref}' is neither an MLflow run id, a models:/ URI, a DVC experiment nor a git revision")
 
 
@@ -200,11 +238,21 @@ def _dvc_with_progress(args: list[str], cwd: Path, env: dict) -> tuple[int, str]
     return proc.wait(), "".join(tail)
 
 
-def rerun(repo: Path, revision: str, keep: bool) -> tuple[dict[str, float], str | None, Path]:
-    """Checks the revision out in a temporary worktree, fetches or rebuilds the data, re-trains, re-evaluates."""
+@dataclass(frozen=True)
+class Rerun:
+    metrics: dict[str, float]
+    model_digest: str | None
+    machine: dict[str, str]  # the re-run's fingerprint as its train stage recorded it
+    worktree: Path
+
+
+def rerun(repo: Path, revision: str, keep: bool, pins: dict[str, str] | None = None) -> Rerun:
+    """Checks the revision out in a temporary worktree, fetches or rebuilds the data, re-trains, re-evaluates,
+    with the environment variables `pins` set (the original's kernels and threads)."""
     worktree = Path(tempfile.mkdtemp(prefix="fashioncap-reproduce-")) / "repo"
     git(["worktree", "add", "--detach", str(worktree), revision], repo)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(worktree / "src"), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, **(pins or {}),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(worktree / "src"), os.environ.get("PYTHONPATH")]))}
     env.pop("MLFLOW_TRACKING_URI", None)  # the re-run is tracked in the worktree's own store, not the original's
     try:
         if (repo / ".dvc" / "config.local").is_file():  # the user's remote and credentials settings
@@ -223,7 +271,10 @@ def rerun(repo: Path, revision: str, keep: bool) -> tuple[dict[str, float], str 
             raise ReproduceError("re-running the pipeline failed:\n" + output.strip()[-2000:])
         paths = {**LEGACY_PATHS, **lineage.pipeline_paths((worktree / "dvc.yaml").read_text())}
         metrics = mlflow_metrics(json.loads((worktree / paths["eval_metrics"]).read_text()))
-        return metrics, lineage.lock_digests(worktree / "dvc.lock").get(paths["model"]), worktree
+        machine_file = worktree / paths["fingerprint"]
+        machine = json.loads(machine_file.read_text()) if machine_file.is_file() else {}
+        return Rerun({k: v for k, v in metrics.items() if k.startswith("test_")},
+                     lineage.lock_digests(worktree / "dvc.lock").get(paths["model"]), machine, worktree)
     finally:
         if not keep:
             git(["worktree", "remove", "--force", str(worktree)], repo, check=False)
@@ -239,29 +290,63 @@ def compare(original: dict[str, float], reproduced: dict[str, float], tolerance:
     return rows, bool(rows) and all(ok for *_, ok in rows)
 
 
+def rule(original: dict[str, str], rerun: dict[str, str], pins: dict[str, str]) -> Rule:
+    """Bit-identical where both sides computed alike (after pinning); otherwise a band, naming the cause."""
+    if "aten_kernels" not in original:  # made before machines were recorded: at most its device is known
+        if original.get("device", "cpu") != "cpu":
+            return Rule(GPU_RELATIVE_TOLERANCE, "a GPU run from before machines were recorded")
+        return Rule(0.0, "the original's machine was not recorded: holding it to identical metrics")
+    if not rerun:
+        return Rule(CROSS_MACHINE_TOLERANCE, "the re-run's code records no machine: within a band")
+    causes = fingerprint.numeric_differences(original, rerun)
+    if causes:
+        named = ", ".join(f"{k} {original.get(k, '?')} vs {rerun.get(k, '?')}" for k in causes)
+        return Rule(CROSS_MACHINE_TOLERANCE, f"the machines compute differently ({named})")
+    if rerun.get("device") != "cpu":
+        return Rule(GPU_RELATIVE_TOLERANCE, "same card and versions, but GPU kernels are not all bit-deterministic")
+    how = f"pinned to the original's: {', '.join(f'{k}={v}' for k, v in pins.items())}" if pins else "as the original"
+    return Rule(0.0, f"same kernels, threads and versions ({how})")
+
+
 def weights_verdict(original: str | None, reproduced: str | None, tolerance: float) -> tuple[str, bool]:
-    """What the model digests say, and whether they allow the verdict REPRODUCED: on the CPU the weights
-    must be bit-identical; on a GPU they differ in the last bits and the metrics' tolerance decides."""
+    """What the model digests say, and whether they allow the verdict REPRODUCED: computed alike, the weights
+    must be bit-identical; computed differently, they differ in the last bits and the metrics decide."""
     if not original or not reproduced:
         return "model digest: not recorded for the original, not compared", True
     if original == reproduced:
         return f"model digest: identical ({original})", True
     if tolerance:
-        return f"model digest: differs ({original} -> {reproduced}), as expected of a GPU run", True
+        return f"model digest: differs ({original} -> {reproduced}), as expected when the machines differ", True
     return f"model digest: DIFFERS ({original} -> {reproduced}): the weights are not the same", False
 
 
-def report(target: Target, rows: list[tuple], same: bool, weights: tuple[str, bool]) -> str:
-    """The side-by-side table, the model digests and the verdict (which part matched)."""
-    lines = [f"reproducing {target.what}", f"{'metric':<34}{'original':>14}{'reproduced':>14}  same"]
+def machines_table(original: dict[str, str], rerun: dict[str, str]) -> list[str]:
+    """The two fingerprints side by side; '*' marks a field that decides the bits and differs."""
+    differ = set(fingerprint.numeric_differences(original, rerun)) if original and rerun else set()
+    lines = [f"{'machine':<18}{'original':<34}{'re-run':<34}"]
+    for key in dict.fromkeys([*original, *rerun]):
+        mark = " *" if key in differ else ""
+        lines.append(f"{key:<18}{original.get(key, '-')[:32]:<34}{rerun.get(key, '-')[:32]:<34}{mark}".rstrip())
+    return lines
+
+
+def report(target: Target, rows: list[tuple], same: bool, weights: tuple[str, bool], rule: Rule,
+           rerun_machine: dict[str, str] | None = None) -> str:
+    """The machines, the side-by-side metrics, the model digests and the verdict (which part matched)."""
+    lines = [f"reproducing {target.what}"]
+    if target.machine or rerun_machine:
+        lines += machines_table(target.machine, rerun_machine or {})
+    lines.append(f"rule: {'identical metrics and weights' if rule.tolerance == 0 else f'metrics within {rule.tolerance:.0%}'}"
+                 f", because {rule.reason}")
+    lines.append(f"{'metric':<34}{'original':>14}{'reproduced':>14}  same")
     lines += [f"{n:<34}{a:>14.6f}{b:>14.6f}  {'yes' if ok else 'NO'}" for n, a, b, ok in rows]
     lines.append(weights[0])
     identical_weights = weights[0].startswith("model digest: identical")
     if not rows:
         lines.append("verdict: no original metrics to compare with")
     elif same and weights[1]:
-        rule = "identical metrics" if target.tolerance == 0 else f"metrics within {target.tolerance:.0%} (GPU run)"
-        lines.append(f"verdict: REPRODUCED ({rule}{', identical model weights' if identical_weights else ''})")
+        kind = "identical metrics" if rule.tolerance == 0 else f"metrics within {rule.tolerance:.0%}"
+        lines.append(f"verdict: REPRODUCED ({kind}{', identical model weights' if identical_weights else ''})")
     elif same:
         lines.append("verdict: NOT REPRODUCED (identical metrics, but the model weights differ)")
     else:
@@ -270,14 +355,28 @@ def report(target: Target, rows: list[tuple], same: bool, weights: tuple[str, bo
     return "\n".join(lines)
 
 
+def local_machine(original: dict[str, str], repo: Path) -> dict[str, str]:
+    """This machine's fingerprint as a re-run here would compute with, before anything is pinned."""
+    return fingerprint.fingerprint(repo, original.get("mixed_precision", "no"))
+
+
 def reproduce(ref: str, repo: Path, client, keep: bool = False) -> tuple[str, bool]:
-    """Resolves, re-runs and compares; returns the report and whether the result was reproduced."""
+    """Resolves, pins this machine to the original's kernels and threads where it can, re-runs and
+    compares; returns the report and whether the result was reproduced."""
     target = resolve(ref, repo, client)
-    reproduced, digest, worktree = rerun(repo, target.revision, keep)
-    rows, same = compare(target.original, reproduced, target.tolerance)
-    weights = weights_verdict(target.model_digest, digest, target.tolerance)
-    text = report(target, rows, same, weights)
+    pins, unpinnable = fingerprint.pins_to_match(target.machine, local_machine(target.machine, repo)) \
+        if target.machine.get("aten_kernels") else ({}, [])
+    if pins:
+        log.info("re-running with the original's kernels and threads: %s", ", ".join(f"{k}={v}" for k, v in pins.items()))
+    if unpinnable:
+        log.info("this machine cannot match the original's %s: the metrics will be held to a band",
+                 ", ".join(unpinnable))
+    result = rerun(repo, target.revision, keep, pins)
+    verdict_rule = rule(target.machine, result.machine, pins)
+    rows, same = compare(target.original, result.metrics, verdict_rule.tolerance)
+    weights = weights_verdict(target.model_digest, result.model_digest, verdict_rule.tolerance)
+    text = report(target, rows, same, weights, verdict_rule, result.machine)
     same = same and weights[1]
     if keep:
-        text += f"\nthe re-run is kept in {worktree}"
+        text += f"\nthe re-run is kept in {result.worktree}"
     return text, same

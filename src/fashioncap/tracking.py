@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
-from . import lineage
+from . import fingerprint, lineage
 from .config import Params, flatten
 from .runtime import project_root
+
+log = logging.getLogger(__name__)
+FINGERPRINT_TAG = "fingerprint."
 
 
 def tracking_uri() -> str:
@@ -61,6 +65,36 @@ def start_run(params: Params, extra_tags: dict[str, str] | None = None):
                            tags=tags, log_system_metrics=True)
     mlflow.log_params({k: "null" if v is None else v for k, v in flatten(params).items()})
     return run
+
+
+def log_fingerprint(machine: dict[str, str]) -> None:
+    """The machine the run computes on, as `fingerprint.<field>` tags and `lineage/fingerprint.json`."""
+    mlflow = _mlflow()
+    mlflow.set_tags({FINGERPRINT_TAG + k: v for k, v in machine.items()})
+    mlflow.log_dict(machine, "lineage/fingerprint.json")
+
+
+def run_fingerprint(tags: dict[str, str]) -> dict[str, str]:
+    """The fingerprint a run was tagged with ({} for runs made before fingerprints were recorded)."""
+    return {k.removeprefix(FINGERPRINT_TAG): v for k, v in tags.items() if k.startswith(FINGERPRINT_TAG)}
+
+
+def check_machine(run_id: str, machine: dict[str, str], tag: str, what: str, ignore: tuple[str, ...] = ()) -> dict:
+    """Compares this machine with the one the run started on. Where they compute differently (a resume or
+    the evaluate stage elsewhere), the run gets the tag `fingerprint.<tag>` naming the fields and a warning
+    says so: its result then matches neither machine bit for bit. Returns the run's own fingerprint."""
+    original = run_fingerprint(_mlflow().get_run(run_id).data.tags)
+    if not original:
+        return machine
+    changed = [f"{k}: {original.get(k)} -> {machine.get(k)}"
+               for k in fingerprint.numeric_differences(original, machine) if k not in ignore]
+    if changed:
+        note = "; ".join(changed)[:1000]
+        log.warning("%s on a machine that computes differently (%s): the result will not be bit-identical to a "
+                    "run made on either machine alone", what, note)
+        _mlflow().set_tag(FINGERPRINT_TAG + tag, note)
+        original = {**original, tag: note}
+    return original
 
 
 def log_dataset(data_dir: Path, context: str) -> str:

@@ -16,7 +16,7 @@ from .data import TOKEN_LENGTHS, DataSourceError
 from .metrics import caption_scores
 from .modeling import Collator, apply_memory_options, build_processor, caption_all, initial_model, save_model
 from .runtime import FashioncapError, progress, run_stage, stage_args
-from . import checkpoint, disk, lineage, plots, tracking
+from . import checkpoint, disk, fingerprint, lineage, plots, tracking
 
 log = logging.getLogger(__name__)
 ETA_STEPS = 3  # optimizer steps timed (after the first, which warms up) before the ETA is announced
@@ -85,6 +85,7 @@ class Outputs:
     val_log: Path
     checkpoint_dir: Path
     loss_curve: Path
+    fingerprint: Path
 
 
 @dataclass
@@ -326,15 +327,20 @@ def resume_or_start(job: Job, data_dir: Path, out: Outputs, lengths: dict) -> tu
         rng = tensors["rng"][accelerator.process_index]
         log.info("resuming from the checkpoint of step %d", state.step)
     if accelerator.is_main_process:
-        if resumed is not None:  # the same MLflow run goes on
+        machine = fingerprint.fingerprint(Path.cwd(), accelerator.mixed_precision)
+        if resumed is not None:  # the same MLflow run goes on; it keeps the machine it started on
             state.run = tracking.resume_run(resumed[1]["run_id"], system_metrics=True)
+            machine = tracking.check_machine(state.run.info.run_id, machine, "changed_on_resume", "resuming")
         else:
             state.run = tracking.start_run(params, {"device": accelerator.device.type,
                                                     "mixed_precision": accelerator.mixed_precision})
+            tracking.log_fingerprint(machine)
             mlflow.set_tag("data.digest", tracking.log_dataset(data_dir, context="train"))
             if lengths:
                 mlflow.log_metrics({"caption_tokens_p99": lengths["p99"],
                                     "caption_truncated_fraction": lengths["truncated_fraction"]})
+        out.fingerprint.parent.mkdir(parents=True, exist_ok=True)
+        out.fingerprint.write_text(json.dumps(machine, indent=2) + "\n")
         tracking.write_run_ref(out.run_ref, state.run.info.run_id, params.tracking.experiment)
     return state, rng
 
@@ -553,10 +559,11 @@ def _finish(summary: dict, train_log: list[dict], val_log: list[dict], out: Outp
 
 def main(argv: list[str] | None = None) -> None:
     args = stage_args(__doc__, argv, "data", "model_dir", "run_ref", "checkpoint_dir", "metrics", "train_log",
-                      "val_log", "loss_curve")
+                      "val_log", "loss_curve", "fingerprint")
     params = load_params(args.params)
+    fingerprint.pin(params.numerics.cpu_kernels, params.numerics.threads)  # before torch computes anything
     out = Outputs(args.model_dir, args.run_ref, args.metrics, args.train_log, args.val_log, args.checkpoint_dir,
-                  args.loss_curve)
+                  args.loss_curve, args.fingerprint)
     try:
         train(params, args.data, out)
     except BaseException as error:

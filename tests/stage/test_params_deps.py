@@ -94,7 +94,8 @@ def reads(tmp_path_factory, tiny_raw) -> dict[str, set[str]]:
                                                                   "path": str(shop)}}))
     p = {name: str(root / name) for name in ("prepared", "best", "run.json", "ckpt", "train.json", "train_log.csv",
                                              "val_log.csv", "loss.png", "eval.json", "preds.jsonl", "report.html",
-                                             "registered.json", "shop-prepared", "shop-prepare.json")}
+                                             "registered.json", "shop-prepared", "shop-prepare.json",
+                                             "fingerprint.json")}
     runs = {
         "prepare": [(prepare.main, ["--params", str(params), "--out", p["prepared"], "--metrics", str(root / "p.json")]),
                     (prepare.main, ["--params", str(shop_params), "--out", p["shop-prepared"],
@@ -102,7 +103,7 @@ def reads(tmp_path_factory, tiny_raw) -> dict[str, set[str]]:
         "train": [(train.main, ["--params", str(params), "--data", p["prepared"], "--model-dir", p["best"],
                                 "--run-ref", p["run.json"], "--checkpoint-dir", p["ckpt"], "--metrics", p["train.json"],
                                 "--train-log", p["train_log.csv"], "--val-log", p["val_log.csv"],
-                                "--loss-curve", p["loss.png"]])],
+                                "--loss-curve", p["loss.png"], "--fingerprint", p["fingerprint.json"]])],
         "evaluate": [(evaluate.main, ["--params", str(params), "--data", p["prepared"], "--model-dir", p["best"],
                                       "--run-ref", p["run.json"], "--metrics", p["eval.json"],
                                       "--predictions", p["preds.jsonl"],
