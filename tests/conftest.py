@@ -97,7 +97,14 @@ def _quiet_env(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf-datasets"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
+    # a stage run in the test's process pins kernels and threads (numerics): never for the next test's
+    # processes. The variables start unset, so every process a test starts uses this CPU's own kernels.
+    for key in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(key, raising=False)
+    threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
     yield
+    if threads is not None:
+        sys.modules["torch"].set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

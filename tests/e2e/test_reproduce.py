@@ -45,7 +45,8 @@ def history(tiny_repo, tmp_path_factory):
     second_run = json.loads((repo / "models/run.json").read_text())["run_id"]
     # the same training on this CPU's kernels: the older CPU's weights must differ, or pinning proves nothing
     native = tmp_path_factory.mktemp("native")
-    sh(train_command(repo / "params.yaml", repo / "data/prepared", native), repo)
+    sh(train_command(native, repo / "params.yaml", repo / "data/prepared"), repo,
+       MLFLOW_TRACKING_URI=f"sqlite:///{native / 'mlflow.db'}")  # not a run of the repository's store
     weights = [hashlib.sha256((d / "model.safetensors").read_bytes()).hexdigest() for d in (repo / "models/best",
                                                                                               native / "best")]
     return repo, first_run, second_run, weights[0] != weights[1]
