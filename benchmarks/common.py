@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import gc
 import io
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-
-import torch
 
 
 @dataclass
@@ -56,12 +53,16 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> f
 
 
 def machine() -> dict:
-    """What the figures were measured on."""
-    info = {"cpu": platform.processor() or platform.machine(), "cores": _cores(), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
+    """What the figures were measured on: the machine's fingerprint (CPU, kernels, threads, versions) and
+    its core count."""
+    from pathlib import Path
+
+    from fashioncap.fingerprint import fingerprint
+
+    machine = fingerprint(Path(__file__).resolve().parents[1], "no")
+    keep = ("cpu", "cpu_flags", "aten_kernels", "onednn_isa", "mkl_cbwr", "threads", "device", "gpu", "cuda",
+            "torch", "transformers", "numpy", "pillow", "python", "lock", "lock_installed")
+    return {"cores": _cores(), **{k: machine[k] for k in keep}}
 
 
 def _cores() -> int:

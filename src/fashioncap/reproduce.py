@@ -323,10 +323,11 @@ def weights_verdict(original: str | None, reproduced: str | None, tolerance: flo
 def machines_table(original: dict[str, str], rerun: dict[str, str]) -> list[str]:
     """The two fingerprints side by side; '*' marks a field that decides the bits and differs."""
     differ = set(fingerprint.numeric_differences(original, rerun)) if original and rerun else set()
-    lines = [f"{'machine':<18}{'original':<34}{'re-run':<34}"]
+    cut = lambda v: v if len(v) <= 36 else v[:35] + "…"  # noqa: E731
+    lines = [f"{'machine':<18}{'original':<38}re-run"]
     for key in dict.fromkeys([*original, *rerun]):
         mark = " *" if key in differ else ""
-        lines.append(f"{key:<18}{original.get(key, '-')[:32]:<34}{rerun.get(key, '-')[:32]:<34}{mark}".rstrip())
+        lines.append(f"{key:<18}{cut(original.get(key, '-')):<38}{cut(rerun.get(key, '-')):<38}{mark}".rstrip())
     return lines
 
 
