@@ -1,107 +1,252 @@
-"""Team setup: the pipeline against a real `mlflow server` (own backend store and artifact root), checked
-through the server's REST API as another team member's tools would see it."""
+"""A team's setup, for real: PostgreSQL, an S3 server and `mlflow server` on both, started by the test.
+Two clones ("two people") share a bare git remote, the tracking server and a DVC remote on the same S3
+store: A runs an experiment and pushes it; B pulls it, finds A's run on the server, reproduces it,
+promotes A's version and serves it with its artifacts coming from S3."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import subprocess
+import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, TINY_OVERRIDES, background_server, copy_repo, free_port, set_args, sh
-from tests.conftest import png_b64
+from tests.conftest import BIN, TINY_OVERRIDES, copy_repo, git, png_b64, set_args, sh
+from tests.services import S3, Postgres, free_port, mlflow_server, postgres, process, s3_server
 
 pytestmark = pytest.mark.slow
 NAME = "fashion-captioner"
+DVC_BUCKET, MLFLOW_BUCKET = "dvc", "mlflow"
+
+
+@dataclass(frozen=True)
+class Services:
+    url: str  # the tracking server
+    s3: S3
+    pg: Postgres
+    root: Path
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    args = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{root / 'backend.db'}", "--artifacts-destination", str(root / "artifacts")]
-    with background_server(args, f"http://127.0.0.1:{port}/health", root / "server.log", root, env):
-        yield f"http://127.0.0.1:{port}", root
+def services(tmp_path_factory):
+    root = tmp_path_factory.mktemp("team-services")
+    with postgres(root / "pg") as pg, s3_server(root / "s3", (DVC_BUCKET, MLFLOW_BUCKET)) as s3:
+        backend = pg.create_database("mlflow")
+        with mlflow_server(root / "mlflow", backend, f"s3://{MLFLOW_BUCKET}/artifacts",
+                           {**os.environ, **s3.env(), **pg.env()}) as url:
+            yield Services(url, s3, pg, root)
 
 
-def api(base: str, path: str, body: dict | None = None, **query: str) -> dict:
+def api(base: str, path: str, body: dict | None = None, auth: tuple[str, str] | None = None, **query: str) -> dict:
     url = f"{base}/api/2.0/mlflow/{path}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if auth:
+        headers["Authorization"] = "Basic " + base64.b64encode(":".join(auth).encode()).decode()
+    request = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(request, timeout=30) as response:
         return json.loads(response.read())
 
 
+def dvc(args: list[str], repo: Path, **env: str) -> subprocess.CompletedProcess:
+    return sh([str(BIN / "dvc"), *args], repo, **env)
+
+
+def credentials(repo: Path, s3: S3) -> None:
+    """A member's own S3 credentials, in the git-ignored .dvc/config.local (as the README says)."""
+    dvc(["remote", "modify", "--local", "team", "access_key_id", s3.access_key], repo)
+    dvc(["remote", "modify", "--local", "team", "secret_access_key", s3.secret_key], repo)
+
+
+@dataclass(frozen=True)
+class Team:
+    a: Path
+    b: Path
+    run_id: str
+    services: Services
+
+
 @pytest.fixture(scope="module")
-def team_run(server, tiny_repo, tmp_path_factory):
-    """A team member's copy of the committed tiny project runs an experiment (another learning rate:
-    prepare's output comes from the DVC cache) against the server."""
-    base, root = server
-    repo = copy_repo(tiny_repo, tmp_path_factory.mktemp("team") / "clone")
-    local_store = local_store_state(repo)
-    sh([str(BIN / "dvc"), "exp", "run", "-n", "team-run", *set_args([*TINY_OVERRIDES, "train.lr=0.002"])], repo,
-       MLFLOW_TRACKING_URI=base)
-    assert local_store_state(repo) == local_store, "the experiment wrote to the local MLflow store"
-    return base, root, repo
+def team(services, tiny_repo, tmp_path_factory) -> Team:
+    """A commits the team's DVC remote (URLs only), runs an experiment against the tracking server, and
+    pushes data, models and the experiment; B clones the shared git remote and pulls the experiment."""
+    root = tmp_path_factory.mktemp("team")
+    a = copy_repo(tiny_repo, root / "a")
+    dvc(["remote", "add", "-d", "team", f"s3://{DVC_BUCKET}/store"], a)
+    dvc(["remote", "modify", "team", "endpointurl", services.s3.endpoint], a)
+    git(a, "commit", "-qam", "the team's DVC remote")
+    credentials(a, services.s3)
+    sh(["git", "clone", "-q", "--bare", str(a), str(root / "origin.git")], root)
+    git(a, "remote", "add", "origin", str(root / "origin.git"))
+    dvc(["exp", "run", "-n", "team-run", *set_args([*TINY_OVERRIDES, "train.lr=0.002"])], a,
+        MLFLOW_TRACKING_URI=services.url)
+    run_id = json.loads((a / "models/run.json").read_text())["run_id"]
+    dvc(["push"], a)
+    dvc(["exp", "push", "origin", "team-run"], a)
+
+    sh(["git", "clone", "-q", str(root / "origin.git"), str(root / "b")], root)
+    b = root / "b"
+    credentials(b, services.s3)
+    dvc(["exp", "pull", "origin", "team-run"], b)
+    return Team(a, b, run_id, services)
 
 
-def local_store_state(repo) -> tuple:
-    """The repository's own MLflow store (the committed run's): its database and artifact files."""
-    files = sorted(p for p in (repo / "mlruns").rglob("*") if p.is_file())
-    return (repo / "mlflow.db").read_bytes(), [(str(p), p.stat().st_size) for p in files]
-
-
-def test_runs_metrics_and_params_reach_the_server(team_run):
-    base, _, repo = team_run
+def test_a_runs_metrics_and_params_reach_the_server(team):
+    base = team.services.url
     experiment = api(base, "experiments/get-by-name", experiment_name="fashioncap")["experiment"]
     assert experiment["artifact_location"].startswith("mlflow-artifacts:")  # the server's store, not a local path
     runs = api(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
-    assert len(runs) == 1
+    assert [r["info"]["run_id"] for r in runs] == [team.run_id]
     run = runs[0]
-    assert run["info"]["run_id"] == json.loads((repo / "models/run.json").read_text())["run_id"]
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert tags["dvc.exp_name"] == "team-run" and params["train.max_steps"] == "12"
-    history = api(base, "metrics/get-history", run_id=run["info"]["run_id"], metric_key="train_loss")["metrics"]
+    history = api(base, "metrics/get-history", run_id=team.run_id, metric_key="train_loss")["metrics"]
     assert sorted(m["step"] for m in history) == list(range(1, 13))
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-    evaluation = json.loads((repo / "metrics/eval.json").read_text())
+    evaluation = json.loads((team.a / "metrics/eval.json").read_text())
     assert metrics["test_after_cider_d"] == pytest.approx(evaluation["after"]["cider_d"])
 
 
-def test_artifacts_are_stored_by_the_server(team_run):
-    base, root, repo = team_run
-    run_id = json.loads((repo / "models/run.json").read_text())["run_id"]
-    listed = {f["path"] for f in api(base, "artifacts/list", run_id=run_id)["files"]}
+def test_artifacts_live_in_the_s3_store_and_come_back_through_the_server(team):
+    base, s3 = team.services.url, team.services.s3
+    listed = {f["path"] for f in api(base, "artifacts/list", run_id=team.run_id)["files"]}
     assert {"report.html", "predictions_table.json", "loss_curve.png", "eval.json", "lineage"} <= listed
-    stored = [p for p in (root / "artifacts").rglob("report.html")]
-    assert len(stored) == 1 and stored[0].read_bytes() == (repo / "reports/report.html").read_bytes()
-    url = f"{base}/get-artifact?{urllib.parse.urlencode({'path': 'report.html', 'run_uuid': run_id})}"
+    stored = [k for k in s3.keys(MLFLOW_BUCKET) if k.endswith(f"{team.run_id}/artifacts/report.html")]
+    assert len(stored) == 1
+    body = s3.client().get_object(Bucket=MLFLOW_BUCKET, Key=stored[0])["Body"].read()
+    assert body == (team.a / "reports/report.html").read_bytes()
+    url = f"{base}/get-artifact?{urllib.parse.urlencode({'path': 'report.html', 'run_uuid': team.run_id})}"
     with urllib.request.urlopen(url, timeout=30) as response:
-        assert response.read().startswith(b"<!doctype html>")
+        assert response.read() == body
 
 
-def test_registered_model_is_served_by_the_servers_registry(team_run):
-    base, _, repo = team_run
-    run_id = json.loads((repo / "models/run.json").read_text())["run_id"]
+def test_a_third_clone_gets_a_s_data_models_and_experiment_from_the_shared_remotes(team, tmp_path):
+    c = tmp_path / "c"
+    sh(["git", "clone", "-q", str(team.a.parent / "origin.git"), str(c)], tmp_path)
+    credentials(c, team.services.s3)
+    assert any(k.startswith("store/files/md5/") for k in team.services.s3.keys(DVC_BUCKET))
+    dvc(["exp", "pull", "origin", "team-run"], c)
+    assert "team-run" in dvc(["exp", "list", "--name-only"], c).stdout.split()
+    dvc(["exp", "apply", "team-run"], c)
+    dvc(["pull"], c)
+    assert json.loads(dvc(["status", "--json"], c).stdout) == {}
+    for path in ("models/best/model.safetensors", "metrics/eval.json", "data/prepared/dataset_dict.json"):
+        assert (c / path).read_bytes() == (team.a / path).read_bytes()
+
+
+def test_b_reproduces_a_s_run_from_the_server(team):
+    proc = subprocess.run([str(BIN / "fashioncap"), "reproduce", team.run_id], cwd=team.b, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "MLFLOW_TRACKING_URI": team.services.url,
+                                                      "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "DVC experiment 'team-run'" in proc.stdout
+    assert "verdict: REPRODUCED (identical metrics, identical model weights)" in proc.stdout
+    assert "prepared data fetched from the DVC cache/remote" in proc.stderr  # from S3, not rebuilt
+
+
+def test_b_promotes_a_s_version_and_serves_it_from_s3(team, tmp_path):
+    base = team.services.url
     candidate = api(base, "registered-models/alias", name=NAME, alias="candidate")["model_version"]
-    assert candidate["version"] == "1" and candidate["run_id"] == run_id
-    sh([str(BIN / "fashioncap"), "promote"], repo, MLFLOW_TRACKING_URI=base)
+    assert candidate["run_id"] == team.run_id
+    sh([str(BIN / "fashioncap"), "promote"], team.b, MLFLOW_TRACKING_URI=base)
     champion = api(base, "registered-models/alias", name=NAME, alias="champion")["model_version"]
-    assert champion["version"] == "1"
-    import mlflow.pyfunc
-    import pandas as pd
+    assert champion["version"] == candidate["version"]
+    assert any("model.safetensors" in k for k in team.services.s3.keys(MLFLOW_BUCKET))
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": base}
+    env = {k: v for k, v in env.items() if not k.startswith("AWS_")}  # B reaches S3 only through the server
 
-    mlflow.set_tracking_uri(base)
-    try:
-        model = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")  # downloads through the server
-    finally:
-        mlflow.set_tracking_uri("")
-    assert model.metadata.run_id == run_id
-    captions = model.predict(pd.DataFrame({"image": [png_b64()]}))
-    assert len(captions) == 1 and isinstance(captions[0], str)
+    def ping() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    with process([str(BIN / "fashioncap"), "serve", "--port", str(port)], ping, tmp_path / "serve.log", env=env,
+                 cwd=team.b):
+        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[png_b64()]]}}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            captions = json.loads(response.read())["predictions"]
+    assert len(captions) == 1 and isinstance(captions[0], str) and captions[0]
+
+
+def test_no_credential_reaches_mlflow_git_or_the_logs(team):
+    secrets_ = (team.services.s3.secret_key, team.services.pg.password)
+    run = api(team.services.url, "runs/get", run_id=team.run_id)["run"]
+    assert not any(s in json.dumps(run) for s in secrets_)
+    for repo in (team.a, team.b):
+        tracked = git(repo, "ls-files").split()
+        for path in tracked:
+            text = (repo / path).read_bytes() if (repo / path).is_file() else b""
+            assert not any(s.encode() in text for s in secrets_), path
+        assert ".dvc/config.local" not in tracked
+    lineage = [k for k in team.services.s3.keys(MLFLOW_BUCKET) if "/lineage/" in k]
+    for key in lineage:
+        body = team.services.s3.client().get_object(Bucket=MLFLOW_BUCKET, Key=key)["Body"].read()
+        assert not any(s.encode() in body for s in secrets_), key
+    for log in team.services.root.rglob("*.log"):
+        assert not any(s in log.read_text(errors="replace") for s in secrets_), log
+
+
+@pytest.fixture(scope="module")
+def auth_server(services, tmp_path_factory):
+    """The same server with MLflow's basic-auth app, on databases of its own; the admin's password is
+    made for this run and handed over in the environment only (MLflow refuses its old default)."""
+    import secrets
+
+    root = tmp_path_factory.mktemp("auth-server")
+    backend = services.pg.create_database("mlflow_auth")
+    users = services.pg.create_database("mlflow_users")
+    (root / "auth.ini").write_text("[mlflow]\ndefault_permission = READ\nadmin_username = admin\n"
+                                   "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                                   f"database_uri = {users}\n")
+    password = secrets.token_urlsafe(16)
+    env = {**os.environ, **services.s3.env(), **services.pg.env(), "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+           "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+    with mlflow_server(root, backend, f"s3://{MLFLOW_BUCKET}/auth-artifacts", env, app="basic-auth") as url:
+        yield url, ("admin", password)
+
+
+def test_basic_auth_refuses_anonymous_clients_and_lets_members_log_and_promote(auth_server, tmp_path):
+    url, admin = auth_server
+    for path in ("experiments/search?max_results=1", "registered-models/search"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/api/2.0/mlflow/{path}", timeout=30)
+        assert refused.value.code == 401
+    with pytest.raises(urllib.error.HTTPError) as wrong:
+        api(url, "experiments/search", {"max_results": 1}, auth=("admin", "password1234"))
+    assert wrong.value.code == 401  # MLflow's old default password
+    script = f"""
+import mlflow, os
+from mlflow import MlflowClient
+mlflow.set_tracking_uri({url!r})
+with mlflow.start_run() as run:
+    mlflow.log_metric("test_after_cider_d", 1.5)
+    open("note.txt", "w").write("a logged artifact")
+    mlflow.log_artifact("note.txt")
+client = MlflowClient()
+client.create_registered_model("{NAME}")
+version = client.create_model_version("{NAME}", f"runs:/{{run.info.run_id}}/note.txt", run.info.run_id)
+client.set_registered_model_alias("{NAME}", "champion", version.version)
+print(client.get_model_version_by_alias("{NAME}", "champion").version)
+"""
+    env = {**os.environ, "MLFLOW_TRACKING_USERNAME": admin[0], "MLFLOW_TRACKING_PASSWORD": admin[1]}
+    env = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+    proc = subprocess.run([str(BIN / "python"), "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "1"
+    anonymous = {k: v for k, v in env.items() if not k.startswith("MLFLOW_TRACKING_")}
+    proc = subprocess.run([str(BIN / "python"), "-c", script.replace(f'client.create_registered_model("{NAME}")', "")],
+                          cwd=tmp_path, env=anonymous, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "401" in proc.stderr

@@ -1,0 +1,214 @@
+"""A team's services, real and on loopback, started and stopped by the tests: PostgreSQL (Debian's
+package), an S3 server (SeaweedFS's S3 gateway) and `mlflow server` on both. Credentials are made per
+run and never written anywhere but the services' own configuration and the processes' environments."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def process(args: list[str], ready: Callable[[], bool], log_path: Path, env: dict | None = None,
+            timeout: float = 120, cwd: Path | None = None) -> Iterator[int]:
+    """Starts a server in its own process group, waits until `ready()` is true, yields its PID and stops
+    the whole group afterwards (SIGTERM, then SIGKILL after 30 s)."""
+    log = open(log_path, "w")
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{args[0]} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{args[0]} not ready in {timeout} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield proc.pid
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def postgres_bin() -> Path | None:
+    """The folder of Debian's PostgreSQL server programs (initdb, postgres), newest version first."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]), reverse=True)
+    return Path(found[0]).parent if found else None
+
+
+@dataclass(frozen=True)
+class Postgres:
+    port: int
+    user: str
+    password: str
+
+    def url(self, database: str) -> str:
+        """The database's URL without the password: libpq takes it from PGPASSWORD (env()), so it appears
+        on no command line and in no configuration file."""
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database}"
+
+    def env(self) -> dict[str, str]:
+        return {"PGPASSWORD": self.password}
+
+    def connect(self, database: str = "postgres"):
+        import psycopg
+
+        return psycopg.connect(self.url(database), password=self.password, autocommit=True, connect_timeout=5)
+
+    def create_database(self, name: str) -> str:
+        with self.connect() as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+@contextlib.contextmanager
+def postgres(root: Path) -> Iterator[Postgres]:
+    """A PostgreSQL server in a fresh data directory under `root`, on a free loopback port, with a
+    password made for this run. As root it runs as the `postgres` user (initdb refuses root)."""
+    import psycopg
+
+    programs = postgres_bin()
+    if programs is None:
+        raise RuntimeError("PostgreSQL's server is not installed: apt-get install postgresql")
+    root.mkdir(parents=True, exist_ok=True)
+    as_user: list[str] = []
+    # the data directory lies where the server's user can reach it (pytest's folders are private to root)
+    data = Path(tempfile.mkdtemp(prefix="fashioncap-pg-"))
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(data, "postgres")
+    password = secrets.token_urlsafe(18)
+    pwfile = data / "pw"
+    pwfile.write_text(password + "\n")
+    if as_user:
+        shutil.chown(pwfile, "postgres")
+    init = subprocess.run([*as_user, str(programs / "initdb"), "-D", str(data / "data"), "-U", "fashioncap",
+                           "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8", "--no-instructions"],
+                          capture_output=True, text=True)
+    pwfile.unlink()
+    if init.returncode != 0:
+        shutil.rmtree(data, ignore_errors=True)
+        raise RuntimeError(f"initdb failed: {init.stderr.strip()[-2000:]}")
+    server = Postgres(free_port(), "fashioncap", password)
+
+    def ready() -> bool:
+        try:
+            server.connect().close()
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    args = [*as_user, str(programs / "postgres"), "-D", str(data / "data"), "-h", "127.0.0.1",
+            "-p", str(server.port), "-k", str(data)]
+    try:
+        with process(args, ready, root / "postgres.log", timeout=60):
+            yield server
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class S3:
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+    def env(self) -> dict[str, str]:
+        """What boto3 (MLflow's S3 artifact store) reads."""
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": self.endpoint}
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key, region_name="us-east-1")
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+
+@contextlib.contextmanager
+def s3_server(root: Path, buckets: tuple[str, ...]) -> Iterator[S3]:
+    """SeaweedFS (master, volume, filer and S3 gateway in one process) on loopback ports, with one
+    access key made for this run; the buckets are created before it is handed out."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "data").mkdir(exist_ok=True)
+    store = S3(f"http://127.0.0.1:{free_port()}", "fc" + secrets.token_hex(8), secrets.token_urlsafe(24))
+    config = root / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "fashioncap", "credentials": [{"accessKey": store.access_key, "secretKey": store.secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    ports = {name: free_port() for name in ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc",
+                                            "s3.grpc")}
+    args = [str(BIN / "weed"), "server", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            *[f"-{name.replace('.grpc', '.port.grpc') if name.endswith('.grpc') else name + '.port'}={port}"
+              for name, port in ports.items()],
+            "-filer", "-s3", f"-s3.port={store.endpoint.rsplit(':', 1)[1]}", f"-s3.config={config}",
+            "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=64", "-master.volumeSizeLimitMB=64"]
+
+    def ready() -> bool:
+        try:
+            for bucket in buckets:
+                with contextlib.suppress(store.client().exceptions.BucketAlreadyOwnedByYou):
+                    store.client().create_bucket(Bucket=bucket)
+            return True
+        except Exception:  # not up yet: connection refused, or the filer not ready
+            return False
+
+    with process(args, ready, root.parent / f"{root.name}.log", timeout=90):
+        yield store
+
+
+@contextlib.contextmanager
+def mlflow_server(root: Path, backend: str, artifacts: str, env: dict[str, str], app: str | None = None,
+                  extra_env: dict[str, str] | None = None) -> Iterator[str]:
+    """`mlflow server` (one worker, no job execution) with its artifacts proxied (`--serve-artifacts`);
+    returns its URL."""
+    import urllib.request
+
+    port = free_port()
+    full_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(extra_env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    args = [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            "--backend-store-uri", backend, "--artifacts-destination", artifacts, "--serve-artifacts",
+            *(["--app-name", app] if app else [])]
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    root.mkdir(parents=True, exist_ok=True)
+    with process(args, ready, root / "server.log", env=full_env, cwd=root):
+        yield f"http://127.0.0.1:{port}"
