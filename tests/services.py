@@ -212,3 +212,24 @@ def mlflow_server(root: Path, backend: str, artifacts: str, env: dict[str, str],
     root.mkdir(parents=True, exist_ok=True)
     with process(args, ready, root / "server.log", env=full_env, cwd=root):
         yield f"http://127.0.0.1:{port}"
+
+
+DVC_BUCKET, MLFLOW_BUCKET = "dvc", "mlflow"
+
+
+@dataclass(frozen=True)
+class Services:
+    url: str  # the tracking server
+    s3: S3
+    pg: Postgres
+    root: Path
+
+
+@contextlib.contextmanager
+def team_services(root: Path) -> Iterator[Services]:
+    """PostgreSQL, the S3 server with the DVC and MLflow buckets, and `mlflow server` on both."""
+    with postgres(root / "pg") as pg, s3_server(root / "s3", (DVC_BUCKET, MLFLOW_BUCKET)) as s3:
+        backend = pg.create_database("mlflow")
+        with mlflow_server(root / "mlflow", backend, f"s3://{MLFLOW_BUCKET}/artifacts",
+                           {**os.environ, **s3.env(), **pg.env()}) as url:
+            yield Services(url, s3, pg, root)

@@ -29,7 +29,11 @@ def _mlflow():
 
 def experiment_id(name: str) -> str:
     """Gets or creates the experiment; in the embedded store its artifacts live in `mlruns/` at the root,
-    also for runs that DVC executes in a temporary copy of the repository."""
+    also for runs that DVC executes in a temporary copy of the repository. Parallel workers of a sweep may
+    create it at the same moment: the one that loses the race uses the winner's."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
     mlflow = _mlflow()
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
@@ -37,7 +41,14 @@ def experiment_id(name: str) -> str:
     location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         location = (project_root() / "mlruns").as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    try:
+        return mlflow.create_experiment(name, artifact_location=location)
+    except MlflowException as error:
+        found = mlflow.get_experiment_by_name(name)
+        if error.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS) or found is None:
+            raise
+        log.info("experiment %s was created by a parallel run at the same moment; using it", name)
+        return found.experiment_id
 
 
 def run_tags(params: Params) -> dict[str, str]:

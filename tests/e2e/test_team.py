@@ -18,29 +18,16 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BIN, TINY_OVERRIDES, copy_repo, git, png_b64, set_args, sh
-from tests.services import S3, Postgres, free_port, mlflow_server, postgres, process, s3_server
+from tests.services import DVC_BUCKET, MLFLOW_BUCKET, S3, Services, free_port, mlflow_server, process, team_services
 
 pytestmark = pytest.mark.slow
 NAME = "fashion-captioner"
-DVC_BUCKET, MLFLOW_BUCKET = "dvc", "mlflow"
-
-
-@dataclass(frozen=True)
-class Services:
-    url: str  # the tracking server
-    s3: S3
-    pg: Postgres
-    root: Path
 
 
 @pytest.fixture(scope="module")
 def services(tmp_path_factory):
-    root = tmp_path_factory.mktemp("team-services")
-    with postgres(root / "pg") as pg, s3_server(root / "s3", (DVC_BUCKET, MLFLOW_BUCKET)) as s3:
-        backend = pg.create_database("mlflow")
-        with mlflow_server(root / "mlflow", backend, f"s3://{MLFLOW_BUCKET}/artifacts",
-                           {**os.environ, **s3.env(), **pg.env()}) as url:
-            yield Services(url, s3, pg, root)
+    with team_services(tmp_path_factory.mktemp("team-services")) as running:
+        yield running
 
 
 def api(base: str, path: str, body: dict | None = None, auth: tuple[str, str] | None = None, **query: str) -> dict:

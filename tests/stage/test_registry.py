@@ -169,3 +169,25 @@ def test_cli_captions_40_photos_under_tight_limits_in_several_requests(registry_
     captioned = [json.loads(line)["file"].rsplit("/", 1)[1] for line in out.stdout.splitlines()]
     assert captioned == [f"p{i:02d}.png" for i in range(40)]
     assert "huge.png" in out.stderr and "exceeds the limit of 10000 pixels" in out.stderr
+
+
+def test_a_sweep_worker_that_loses_the_race_to_create_the_experiment_uses_the_winners(registry_env, monkeypatch):
+    import mlflow
+
+    from fashioncap import tracking
+
+    client = registry_env[0]
+    real = mlflow.get_experiment_by_name
+    calls = []
+
+    def another_worker_got_there_first(name):
+        calls.append(name)
+        if len(calls) == 1:  # between this worker's look-up and its create, the other worker creates it
+            client.create_experiment(name)
+            return None
+        return real(name)
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", another_worker_got_there_first)
+    created = tracking.experiment_id("sweep")
+    assert created == client.get_experiment_by_name("sweep").experiment_id and len(calls) == 2
+    assert [e.name for e in client.search_experiments()].count("sweep") == 1
