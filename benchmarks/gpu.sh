@@ -5,7 +5,7 @@
 #     200 steps, per-stage time, memory and disk;
 #  2. BLIP-base training throughput in bf16 vs fp32 vs the original recipe, MFU and peak GPU memory;
 #  3. the offline pipeline end to end on the GPU (only where DVC and git are installed).
-# Needs the project's requirements on a machine with an NVIDIA GPU:
+# Needs the project installed from requirements-cuda.lock (README) on a machine with an NVIDIA GPU:
 #   bash benchmarks/gpu.sh 2>&1 | tee gpu-benchmark.log
 set -euo pipefail
 cd "$(dirname "$0")/.."

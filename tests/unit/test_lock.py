@@ -8,7 +8,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from fashioncap.fingerprint import lock_pins, lock_state
+from fashioncap.fingerprint import LOCK_FILES, lock_pins, lock_state
 from tests.conftest import REPO
 
 LOCKS = ("requirements.lock", "requirements-cuda.lock")
@@ -58,6 +58,9 @@ def test_the_cuda_lock_pins_the_same_versions_as_the_cpu_lock():
     assert any(n.startswith("nvidia-") for n in cuda.keys() - cpu.keys()), "the CUDA lock has no CUDA libraries"
 
 
-def test_this_environment_is_the_cpu_lock():
-    state = lock_state(REPO / "requirements.lock")
-    assert state["lock_installed"] == "matches", state["lock_installed"]
+def test_this_environment_is_its_lock():
+    import torch
+
+    lock = LOCK_FILES["cuda" if torch.cuda.is_available() else "cpu"]
+    state = lock_state(REPO / lock)
+    assert state["lock_installed"] == "matches", f"installed packages differ from {lock}: {state['lock_installed']}"
