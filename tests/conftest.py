@@ -6,16 +6,17 @@ import contextlib
 import copy
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests import services
+from tests.services import answers, process
+
+free_port = services.free_port  # the test modules import it from here
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -271,33 +272,14 @@ def copy_repo(repo: Path, dest: Path) -> Path:
     return dest
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def background_server(args: list[str], ready_url: str, log_path: Path, cwd: Path, env: dict | None = None,
                       timeout: float = 120):
     """Starts a server in its own process group, waits until `ready_url` answers 200, yields its PID and
     stops the whole group (workers included) afterwards."""
-    log = open(log_path, "w")
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(ready_url, timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail(f"{ready_url} did not answer in {timeout} s:\n{log_path.read_text()[-3000:]}")
-        yield proc.pid
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-        log.close()
+    with contextlib.ExitStack() as stack:
+        try:
+            pid = stack.enter_context(process(args, answers(ready_url), log_path, env=env, timeout=timeout, cwd=cwd))
+        except RuntimeError as error:  # it exited or never answered: the log says why
+            pytest.fail(str(error))
+        yield pid

@@ -57,6 +57,20 @@ def process(args: list[str], ready: Callable[[], bool], log_path: Path, env: dic
         log.close()
 
 
+def answers(url: str) -> Callable[[], bool]:
+    """A readiness check: `url` answers 200."""
+    import urllib.request
+
+    def ready() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    return ready
+
+
 def postgres_bin() -> Path | None:
     """The folder of Debian's PostgreSQL server programs (initdb, postgres), newest version first."""
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]), reverse=True)
@@ -193,8 +207,6 @@ def mlflow_server(root: Path, backend: str, artifacts: str, env: dict[str, str],
                   extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """`mlflow server` (one worker, no job execution) with its artifacts proxied (`--serve-artifacts`);
     returns its URL."""
-    import urllib.request
-
     port = free_port()
     full_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(extra_env or {})}
     full_env.pop("MLFLOW_TRACKING_URI", None)
@@ -202,15 +214,8 @@ def mlflow_server(root: Path, backend: str, artifacts: str, env: dict[str, str],
             "--backend-store-uri", backend, "--artifacts-destination", artifacts, "--serve-artifacts",
             *(["--app-name", app] if app else [])]
 
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
     root.mkdir(parents=True, exist_ok=True)
-    with process(args, ready, root / "server.log", env=full_env, cwd=root):
+    with process(args, answers(f"http://127.0.0.1:{port}/health"), root / "server.log", env=full_env, cwd=root):
         yield f"http://127.0.0.1:{port}"
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BIN, TINY_OVERRIDES, copy_repo, git, png_b64, set_args, sh
-from tests.services import DVC_BUCKET, MLFLOW_BUCKET, S3, Services, free_port, mlflow_server, process, team_services
+from tests.services import DVC_BUCKET, MLFLOW_BUCKET, S3, Services, answers, free_port, mlflow_server, process, \
+    team_services
 
 pytestmark = pytest.mark.slow
 NAME = "fashion-captioner"
@@ -149,16 +150,8 @@ def test_b_promotes_a_s_version_and_serves_it_from_s3(team, tmp_path):
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": base}
     env = {k: v for k, v in env.items() if not k.startswith("AWS_")}  # B reaches S3 only through the server
-
-    def ping() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    with process([str(BIN / "fashioncap"), "serve", "--port", str(port)], ping, tmp_path / "serve.log", env=env,
-                 cwd=team.b):
+    with process([str(BIN / "fashioncap"), "serve", "--port", str(port)], answers(f"http://127.0.0.1:{port}/ping"),
+                 tmp_path / "serve.log", env=env, cwd=team.b):
         body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[png_b64()]]}}).encode()
         request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
                                          headers={"Content-Type": "application/json"})
