@@ -32,9 +32,9 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def process(args: list[str], ready: Callable[[], bool], log_path: Path, env: dict | None = None,
-            timeout: float = 120, cwd: Path | None = None) -> Iterator[int]:
+            timeout: float = 120, cwd: Path | None = None, grace: float = 30) -> Iterator[int]:
     """Starts a server in its own process group, waits until `ready()` is true, yields its PID and stops
-    the whole group afterwards (SIGTERM, then SIGKILL after 30 s)."""
+    the whole group afterwards (SIGTERM, then SIGKILL after `grace` seconds)."""
     log = open(log_path, "w")
     proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
     try:
@@ -50,7 +50,7 @@ def process(args: list[str], ready: Callable[[], bool], log_path: Path, env: dic
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(timeout=30)
+            proc.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
@@ -198,7 +198,8 @@ def s3_server(root: Path, buckets: tuple[str, ...]) -> Iterator[S3]:
         except Exception:  # not up yet: connection refused, or the filer not ready
             return False
 
-    with process(args, ready, root.parent / f"{root.name}.log", timeout=90):
+    # SeaweedFS takes ~25 s to shut down gracefully; its data is thrown away, so 3 s is enough
+    with process(args, ready, root.parent / f"{root.name}.log", timeout=90, grace=3):
         yield store
 
 
