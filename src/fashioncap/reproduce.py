@@ -98,7 +98,7 @@ def model_digest_at(repo: Path, revision: str) -> str | None:
         return lineage.lock_digests(Path(tmp) / "dvc.lock").get(model)
 
 
-def test_metrics(metrics: dict[str, float]) -> dict[str, float]:
+def compared_metrics(metrics: dict[str, float]) -> dict[str, float]:
     """The metrics a reproduction compares: the test set's (test_*), whichever way they were recorded."""
     return {k: v for k, v in metrics.items() if k.startswith("test_")}
 
@@ -131,7 +131,7 @@ def metrics_at(repo: Path, revision: str) -> dict[str, float]:
     """The test metrics committed at a revision, flattened as MLflow names them."""
     path = paths_at(repo, revision).get("eval_metrics")
     text = git(["show", f"{revision}:{path}"], repo, check=False) if path else None
-    return test_metrics(mlflow_metrics(json.loads(text))) if text else {}
+    return compared_metrics(mlflow_metrics(json.loads(text))) if text else {}
 
 
 def _from_run(client, run_id: str, repo: Path, what: str) -> Target:
@@ -142,7 +142,7 @@ def _from_run(client, run_id: str, repo: Path, what: str) -> Target:
     except MlflowException:
         raise ReproduceError(f"no MLflow run {run_id} in this tracking store") from None
     tags = run.data.tags
-    original = test_metrics(run.data.metrics)
+    original = compared_metrics(run.data.metrics)
     # runs from before fingerprints say at least their device
     machine = run_fingerprint(tags) or ({"device": tags["device"]} if "device" in tags else {})
     exp = tags.get("dvc.exp_name")
@@ -278,7 +278,7 @@ def rerun(repo: Path, revision: str, keep: bool, pins: dict[str, str] | None = N
         metrics = mlflow_metrics(json.loads((worktree / paths["eval_metrics"]).read_text()))
         machine_file = worktree / paths["fingerprint"]
         machine = json.loads(machine_file.read_text()) if machine_file.is_file() else {}
-        return Rerun(test_metrics(metrics),
+        return Rerun(compared_metrics(metrics),
                      lineage.lock_digests(worktree / "dvc.lock").get(paths["model"]), machine, worktree)
     finally:
         if not keep:
