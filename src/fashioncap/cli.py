@@ -101,14 +101,36 @@ def request_timeout(given: int | None) -> int:
     return given or (registry.request_timeout if registry else 60)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of milliseconds >= 0, not {text}")
+    return value
+
+
 def cmd_serve(args) -> int:
+    from .serving import BATCH_ENV, WAIT_ENV
+
     _check_alias(args.model)
     mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
-    # the served model measures its pace at start-up and lowers its image limit to fit this timeout
-    command = [mlflow_bin, "models", "serve", "-m", args.model, "--env-manager", "local",
-               "-h", args.host, "-p", str(args.port), "--timeout", str(request_timeout(args.timeout))]
+    # the served model measures its pace at start-up and lowers its image limit and batch to fit this timeout
+    command = [mlflow_bin, "models", "serve", "-m", args.model, "--env-manager", "local", "-h", args.host,
+               "-p", str(args.port), "--timeout", str(request_timeout(args.timeout)), "--workers", str(args.workers)]
     print(" ".join(command), file=sys.stderr)
     os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
+    # MLflow starts the server as `uvicorn` from PATH: the one installed beside this Python, venv not activated
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    # the model reads them in the scoring server's workers; unset, the registered registry.batch_* apply
+    for name, value in ((BATCH_ENV, args.batch_size), (WAIT_ENV, args.max_wait_ms)):
+        if value is not None:
+            os.environ[name] = str(value)
     os.execv(mlflow_bin, command)  # MLflow's own scoring server, not a re-implementation
     return 0
 
@@ -219,6 +241,13 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=5001)
     serve.add_argument("--timeout", type=int, help="seconds a request may take (default: registry.request_timeout "
                        "of params.yaml); the model fits its per-request image limit to it")
+    serve.add_argument("--batch-size", type=positive_int, help="most images of concurrent requests captioned in "
+                       "one generate() call (default: the model's registry.batch_images); 1 serves one request "
+                       "at a time")
+    serve.add_argument("--max-wait-ms", type=non_negative_float, help="how long a request waits for others to "
+                       "join its batch (default: the model's registry.batch_wait_ms)")
+    serve.add_argument("--workers", type=positive_int, default=1, help="server processes, each with its own copy "
+                       "of the model and its own batches (default 1: on a CPU one process uses every core)")
     serve.set_defaults(func=cmd_serve)
     reproduce = sub.add_parser("reproduce", help="re-run what produced a run, model version, experiment or commit")
     reproduce.add_argument("ref", help="MLflow run id, models:/name@alias or models:/name/N, DVC experiment, git rev")

@@ -176,6 +176,8 @@ class RegistryParams(_Section):
     max_request_bytes: Annotated[int, Field(ge=1024)]
     max_pixels: Annotated[int, Field(ge=64)]
     request_timeout: Annotated[int, Field(ge=1, le=86_400)]  # seconds the scoring server gives a request
+    batch_images: Annotated[int, Field(ge=1, le=1024)]  # concurrent requests' images captioned in one generate()
+    batch_wait_ms: Annotated[float, Field(ge=0, le=10_000)]  # how long a request waits for others to join it
 
 
 class Params(_Section):

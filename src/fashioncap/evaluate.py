@@ -12,7 +12,7 @@ from .config import Params, load_params
 from .attributes import Vocabulary, attribute_scores, confusions
 from .metrics import Meteor, caption_scores, per_item_cider_d
 from .ptb import coco_tokens
-from .modeling import caption_all, initial_model
+from .modeling import caption_all, initial_model, mixed_precision
 from .runtime import run_stage, stage_args
 from . import fingerprint, tracking
 
@@ -79,12 +79,13 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None,
     images, references = list(test["image"]), list(test["caption"])
     seen = set(dataset["train"]["caption"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    precision = mixed_precision(params.train.mixed_precision)  # the training's, resolved on this machine
     processor = BlipProcessor.from_pretrained(model_dir)
     before_model = initial_model(params.model, processor, params.seed).to(device)
-    before = caption_all(before_model, processor, images, params.generate, desc="caption (before)")
+    before = caption_all(before_model, processor, images, params.generate, desc="caption (before)", precision=precision)
     del before_model
     after_model = BlipForConditionalGeneration.from_pretrained(model_dir, use_safetensors=True).to(device)
-    after = caption_all(after_model, processor, images, params.generate, desc="caption (after)")
+    after = caption_all(after_model, processor, images, params.generate, desc="caption (after)", precision=precision)
     table = score_table(references, before, after, [r not in seen for r in references], meteor, vocabulary)
     table["test_digest"] = testset_digest(list(test["key"]), references)
     categories = list(test["category"])
@@ -129,9 +130,10 @@ def main(argv: list[str] | None = None) -> None:
     with tracking.resume_run(tracking.read_run_ref(args.run_ref)):
         import mlflow
 
-        # captions are generated in full precision, whatever precision the model was trained in
-        tracking.check_machine(mlflow.active_run().info.run_id, fingerprint.fingerprint(Path.cwd(), "no"),
-                               "changed_in_evaluate", "evaluating", ignore=("mixed_precision",))
+        # captions are generated in the training's precision, resolved here: a machine without native bf16
+        # (or one pinned below it) evaluates in fp32 and the fingerprint says so
+        machine = fingerprint.fingerprint(Path.cwd(), mixed_precision(params.train.mixed_precision))
+        tracking.check_machine(mlflow.active_run().info.run_id, machine, "changed_in_evaluate", "evaluating")
         mlflow.log_metrics(tracking.mlflow_metrics(table))
         mlflow.log_artifact(str(metrics))
         mlflow.log_artifact(str(preds))

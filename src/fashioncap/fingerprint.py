@@ -88,6 +88,25 @@ def supports(family: str, flags: set[str]) -> bool:
             and ONEDNN_LEVELS[pins["ONEDNN_MAX_CPU_ISA"]] <= flags)
 
 
+def onednn_isa(flags: set[str]) -> str | None:
+    """The oneDNN instruction set this process uses: the CPU's highest, lowered by ONEDNN_MAX_CPU_ISA."""
+    return capped(ONEDNN_LEVELS, highest(ONEDNN_LEVELS, flags), os.environ.get("ONEDNN_MAX_CPU_ISA"))
+
+
+def native_bf16() -> bool:
+    """Whether this process's CPU kernels compute bf16 natively: torch sees AVX-512 BF16 or AMX on the CPU,
+    and oneDNN may use it (a `numerics.cpu_kernels` pin or ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 turns
+    it off, so a pinned run keeps its fp32 bits). Without it, bf16 matrix products are emulated: slower
+    than fp32, so `mixed_precision: auto` keeps fp32 there."""
+    import torch
+
+    detected = [getattr(torch.cpu, name, lambda: False)()
+                for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    isa = onednn_isa(set(cpu_info()["flags"].split()))
+    levels = list(ONEDNN_LEVELS)
+    return any(detected) and isa is not None and levels.index(isa) >= levels.index("AVX512_CORE_BF16")
+
+
 def pin(cpu_kernels: str, threads: int | None) -> dict[str, str]:
     """Applies the `numerics` params to this process; call it before the first torch operation. A family
     the CPU lacks is not pinned (a warning says so): the fingerprint then records what ran instead."""
@@ -147,7 +166,7 @@ def fingerprint(root: Path, mixed_precision: str) -> dict[str, str]:
     cpu = cpu_info()
     flags = set(cpu["flags"].split())
     cuda = torch.cuda.is_available()
-    onednn = capped(ONEDNN_LEVELS, highest(ONEDNN_LEVELS, flags), os.environ.get("ONEDNN_MAX_CPU_ISA"))
+    onednn = onednn_isa(flags)
     fields = {
         "device": "cuda" if cuda else "cpu",
         "gpu": torch.cuda.get_device_name(0) if cuda else "none",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -163,6 +164,26 @@ class Collator:
                 "labels": labels}
 
 
+def mixed_precision(requested: str) -> str:
+    """`train.mixed_precision` as Accelerate takes it: 'auto' is bf16 on a GPU that supports it and on a
+    CPU whose kernels compute bf16 natively (fingerprint.native_bf16), else full precision ('no')."""
+    from .fingerprint import native_bf16
+
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if native_bf16() else "no"
+
+
+def autocast(precision: str, device: torch.device | str):
+    """The autocast context for a resolved precision ('no', 'bf16', 'fp16') on a device."""
+    kind = torch.device(device).type
+    if precision == "no":
+        return contextlib.nullcontext()
+    return torch.autocast(kind, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
 def generation_kwargs(cfg: GenerateParams) -> dict:
     """The generate() arguments a GenerateParams stands for."""
     return dict(num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens, min_length=cfg.min_length,
@@ -171,17 +192,20 @@ def generation_kwargs(cfg: GenerateParams) -> dict:
 
 
 @torch.no_grad()
-def caption_batch(model, processor, images: Sequence[Image.Image], cfg: GenerateParams) -> list[str]:
-    """Captions a batch of images in one generate() call; returns them tidy for people (display_caption)."""
+def caption_batch(model, processor, images: Sequence[Image.Image], cfg: GenerateParams,
+                  precision: str = "no") -> list[str]:
+    """Captions a batch of images in one generate() call (under autocast for a mixed `precision`); returns
+    them tidy for people (display_caption)."""
     device = next(model.parameters()).device
     pixels = processor.image_processor(list(images), return_tensors="pt")["pixel_values"].to(device)
     pixels = pixels.to(next(model.parameters()).dtype)
-    out = model.generate(pixel_values=pixels, **generation_kwargs(cfg))
+    with autocast(precision, device):
+        out = model.generate(pixel_values=pixels, **generation_kwargs(cfg))
     return [display_caption(t) for t in processor.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 def caption_all(model, processor, images: Sequence[Image.Image], cfg: GenerateParams, desc: str = "caption",
-                quiet: bool = False):
+                quiet: bool = False, precision: str = "no"):
     """Captions any number of images in batches of cfg.batch_size, with a progress bar (unless quiet)."""
     from .runtime import progress
 
@@ -189,5 +213,5 @@ def caption_all(model, processor, images: Sequence[Image.Image], cfg: GeneratePa
     captions: list[str] = []
     starts = range(0, len(images), cfg.batch_size)
     for start in progress(starts, desc=desc, unit="batch", quiet=quiet):
-        captions.extend(caption_batch(model, processor, images[start : start + cfg.batch_size], cfg))
+        captions.extend(caption_batch(model, processor, images[start : start + cfg.batch_size], cfg, precision))
     return captions

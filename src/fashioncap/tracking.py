@@ -90,7 +90,7 @@ def run_fingerprint(tags: dict[str, str]) -> dict[str, str]:
     return {k.removeprefix(FINGERPRINT_TAG): v for k, v in tags.items() if k.startswith(FINGERPRINT_TAG)}
 
 
-def check_machine(run_id: str, machine: dict[str, str], tag: str, what: str, ignore: tuple[str, ...] = ()) -> dict:
+def check_machine(run_id: str, machine: dict[str, str], tag: str, what: str) -> dict:
     """Compares this machine with the one the run started on. Where they compute differently (a resume or
     the evaluate stage elsewhere), the run gets the tag `fingerprint.<tag>` naming the fields and a warning
     says so: its result then matches neither machine bit for bit. Returns the run's own fingerprint."""
@@ -98,7 +98,7 @@ def check_machine(run_id: str, machine: dict[str, str], tag: str, what: str, ign
     if not original:
         return machine
     changed = [f"{k}: {original.get(k)} -> {machine.get(k)}"
-               for k in fingerprint.numeric_differences(original, machine) if k not in ignore]
+               for k in fingerprint.numeric_differences(original, machine)]
     if changed:
         note = "; ".join(changed)[:1000]
         log.warning("%s on a machine that computes differently (%s): the result will not be bit-identical to a "

@@ -14,7 +14,8 @@ import torch
 from .config import Params, TrainParams, load_params
 from .data import TOKEN_LENGTHS, DataSourceError
 from .metrics import caption_scores
-from .modeling import Collator, apply_memory_options, build_processor, caption_all, initial_model, save_model
+from .modeling import (Collator, apply_memory_options, build_processor, caption_all, initial_model, mixed_precision,
+                       save_model)
 from .runtime import FashioncapError, progress, run_stage, stage_args
 from . import checkpoint, disk, fingerprint, lineage, plots, tracking
 
@@ -119,13 +120,6 @@ class BestTracker:
         return self.stale >= self.patience
 
 
-def mixed_precision(requested: str) -> str:
-    """'auto' means bf16 where a GPU supports it, else full precision."""
-    if requested != "auto":
-        return requested
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-
-
 def make_optimizer(model, cfg: TrainParams):
     """AdamW with no weight decay on biases and norms; the fused kernel on GPU."""
     decay, no_decay = [], []
@@ -153,12 +147,14 @@ def validate(model, processor, rows, collate, params: Params, accelerator) -> tu
     mine = list(range(accelerator.process_index, len(rows), accelerator.num_processes))
     part = [rows[i] for i in mine]
     loss_sum, device = 0.0, next(model.parameters()).device
+    # the unwrapped model has lost Accelerate's autocast: validation computes in the training's precision
     for start in range(0, len(part), params.train.batch_size):
         batch = collate(part[start : start + params.train.batch_size])
-        out = model(**{k: v.to(device) for k, v in batch.items()})
+        with accelerator.autocast():
+            out = model(**{k: v.to(device) for k, v in batch.items()})
         loss_sum += out.loss.item() * len(batch["labels"])
     captions = caption_all(model, processor, [r["image"] for r in part], params.generate, desc="validate",
-                           quiet=not accelerator.is_local_main_process)
+                           quiet=not accelerator.is_local_main_process, precision=accelerator.mixed_precision)
     gathered = gather_object([(mine, captions, loss_sum)])
     ordered = [""] * len(rows)
     for indices, caps, _ in gathered:

@@ -62,7 +62,7 @@ def server(tmp_path_factory, tiny_model, tiny_raw):
         port = free_port()
         with background_server([sys.executable, "-m", "fashioncap.cli", "serve", "--port", str(port)],
                                f"http://127.0.0.1:{port}/ping", root / "serve.log", root, dict(os.environ)) as pid:
-            yield port, params, pid  # `fashioncap serve` execs mlflow: the same PID
+            yield port, params, pid, root / "serve.log"  # `fashioncap serve` execs mlflow: the same PID
 
 
 def noise_b64() -> str:
@@ -78,7 +78,8 @@ def truncated_png() -> str:
 
 
 def test_serves_captions_and_answers_bad_input_with_4xx(server):
-    port, params, _ = server
+    port, params, _, log = server
+    assert "batching up to 16 images of concurrent requests, waiting at most 10 ms" in log.read_text()
     status, body = post(port, images_body([png_b64(), png_b64((0, 0, 250), (80, 30))]))
     assert status == 200 and len(body["predictions"]) == 2
     status, body = post(port, {"inputs": {"image": [png_b64()]}, "params": {"num_beams": 2}})
@@ -121,36 +122,45 @@ def _tree_rss(pid: int) -> int:
 
 
 def test_load_of_mixed_valid_and_invalid_requests(server):
-    """300 requests at concurrency 16, 40% of them bad: no 5xx, every bad one a 4xx, memory stays flat."""
+    """500 requests at concurrency 16, 40% of them bad, the good ones of 1-3 images with three caption
+    lengths (three kinds of batch): no 5xx, every bad one a 4xx, every good one exactly its own captions
+    (what it gets alone), memory stays flat."""
     import random
     import statistics
     from concurrent.futures import ThreadPoolExecutor
 
-    port, _, server_pid = server
+    port, params, server_pid, _ = server
     rng = random.Random(0)
-    valid = [images_body([png_b64((rng.randrange(256), 0, 0))]) for _ in range(8)]
+    lengths = [params.generate.max_new_tokens - k for k in (0, 3, 6)]  # captions of an untrained model differ in length
+    valid = [{**images_body([png_b64((rng.randrange(256), 0, 0)) for _ in range(1 + i % 3)]),
+              "params": {"max_new_tokens": lengths[i % 3]}} for i in range(9)]
+    alone = [post(port, body) for body in valid]  # one request at a time: nothing to batch it with
+    assert all(status == 200 for status, _ in alone)
     invalid = [images_body(["@@@"]), images_body([base64.b64encode(b"GIF89a broken").decode()]),
                images_body([truncated_png()]), images_body([]), {"wrong": []}]
-    plan = [("ok", rng.choice(valid)) if rng.random() < 0.6 else ("bad", rng.choice(invalid)) for _ in range(300)]
+    plan = [("ok", i) if rng.random() < 0.6 else ("bad", rng.randrange(len(invalid))) for i in range(500)]
 
     def call(item):
-        kind, body = item
+        kind, index = item
         started = time.perf_counter()
-        status, _ = post(port, body)
-        return kind, status, time.perf_counter() - started
+        status, answer = post(port, valid[index % len(valid)] if kind == "ok" else invalid[index])
+        return kind, index, status, answer, time.perf_counter() - started
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(call, plan[:50]))  # warm-up: allocator and caches settle
         rss_before = _tree_rss(server_pid)
         results = list(pool.map(call, plan))
     rss_growth = _tree_rss(server_pid) - rss_before
-    latencies = sorted(t for _, _, t in results)
+    latencies = sorted(r[-1] for r in results)
     p50, p95 = statistics.median(latencies), latencies[int(0.95 * len(latencies))]
-    print(f"\n300 requests, concurrency 16: p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
+    print(f"\n500 requests, concurrency 16: p50 {p50 * 1000:.0f} ms, p95 {p95 * 1000:.0f} ms, "
           f"RSS growth {rss_growth / 2**20:.1f} MiB")
-    assert not [s for _, s, _ in results if s >= 500]
-    assert all(s == 200 for k, s, _ in results if k == "ok")
-    assert all(400 <= s < 500 for k, s, _ in results if k == "bad")
+    assert len(results) == len(plan) and not [r for r in results if r[2] >= 500]
+    assert all(400 <= status < 500 for kind, _, status, _, _ in results if kind == "bad")
+    for kind, index, status, answer, _ in results:
+        if kind == "ok":
+            assert status == 200 and answer == alone[index % len(valid)][1], (index, answer)
+    assert len({json.dumps(body) for _, body in alone}) == 3  # the check above tells the three lengths apart
     assert rss_growth < 150 * 2**20, f"server memory grew by {rss_growth / 2**20:.0f} MiB"
 
 

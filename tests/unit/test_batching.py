@@ -1,0 +1,85 @@
+"""The served model's request batching: packing concurrent requests into generate() calls, answering
+each request with its own captions, and sizing batches to the request timeout."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from fashioncap.config import GenerateParams
+from fashioncap.serving import Batcher, Job, batch_images_within, pack
+
+GREEDY = GenerateParams(num_beams=1, max_new_tokens=8, min_length=0, repetition_penalty=1.0,
+                        no_repeat_ngram_size=0, batch_size=4)
+BEAMS = GREEDY.model_copy(update={"num_beams": 3})
+
+
+def test_pack_keeps_arrival_order_and_never_exceeds_the_batch():
+    jobs = [Job([f"a{i}"] * n, GREEDY) for i, n in enumerate([1, 2, 1, 3, 1])]
+    batches = pack(jobs, max_images=4)
+    assert [[len(j.images) for j in b] for b in batches] == [[1, 2, 1], [3, 1]]
+    assert [j for b in batches for j in b] == jobs  # every job exactly once, in order
+
+
+def test_pack_never_mixes_generation_settings_in_one_call():
+    jobs = [Job(["x"], GREEDY), Job(["y"], BEAMS), Job(["z"], GREEDY)]
+    batches = pack(jobs, max_images=8)
+    assert [[j.images[0] for j in b] for b in batches] == [["x", "z"], ["y"]]
+
+
+def test_a_request_larger_than_the_batch_is_a_batch_of_its_own():
+    jobs = [Job(["a"], GREEDY), Job(["b"] * 6, GREEDY), Job(["c"], GREEDY)]
+    assert [[len(j.images) for j in b] for b in pack(jobs, max_images=4)] == [[1], [6], [1]]
+
+
+class Recorder:
+    """A captioner that names each image and records the calls it got."""
+
+    def __init__(self, seconds: float = 0.0, fail_on: str | None = None):
+        self.calls: list[list[str]] = []
+        self.seconds, self.fail_on, self.lock = seconds, fail_on, threading.Lock()
+
+    def __call__(self, images, generate):
+        with self.lock:
+            self.calls.append(list(images))
+        time.sleep(self.seconds)
+        if self.fail_on in images:
+            raise RuntimeError("generate failed")
+        return [f"caption of {im} ({generate.num_beams} beams)" for im in images]
+
+
+def test_concurrent_requests_share_generate_calls_and_each_gets_its_own_captions():
+    recorder = Recorder(seconds=0.05)
+    batcher = Batcher(recorder, max_images=8, max_wait_s=0.05)
+    requests = [[f"img{i}-{k}" for k in range(1 + i % 2)] for i in range(24)]  # 1- and 2-image requests
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda images: batcher.submit(images, GREEDY), requests))
+    assert answers == [[f"caption of {im} (1 beams)" for im in images] for images in requests]
+    assert sorted(im for call in recorder.calls for im in call) == sorted(im for r in requests for im in r)
+    assert max(len(call) for call in recorder.calls) <= 8
+    assert len(recorder.calls) < len(requests) / 2, recorder.calls  # batched, not one call per request
+
+
+def test_a_lone_request_waits_no_longer_than_the_window():
+    batcher = Batcher(Recorder(), max_images=16, max_wait_s=0.02)
+    started = time.perf_counter()
+    assert batcher.submit(["only"], GREEDY) == ["caption of only (1 beams)"]
+    assert time.perf_counter() - started < 0.5
+
+
+def test_a_failed_batch_fails_its_requests_and_the_batcher_goes_on():
+    batcher = Batcher(Recorder(fail_on="bad"), max_images=4, max_wait_s=0.0)
+    with pytest.raises(RuntimeError, match="generate failed"):
+        batcher.submit(["bad"], GREEDY)
+    assert batcher.submit(["good"], BEAMS) == ["caption of good (3 beams)"]
+
+
+def test_batch_fits_the_timeout_with_one_batch_ahead_of_it():
+    # BLIP-base on a 2-core CPU, ~10 s per full-length caption, 300 s timeout: 80% of it holds 23 images,
+    # a request may wait for one batch and then be in the next: 11 images a batch
+    assert batch_images_within(300, 10.2, 16) == 11
+    assert batch_images_within(300, 0.01, 16) == 16  # fast device: the configured batch
+    assert batch_images_within(60, 90.0, 16) == 1  # never below one image
