@@ -115,7 +115,24 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def served_config(uri: str) -> dict:
+    """The serving_config.json a registered model carries (limits, generation, batching), without
+    downloading the model; {} when it has none."""
+    import tempfile
+
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = get_artifact_repository(uri).download_artifacts("artifacts/serving_config.json", tmp)
+        except Exception as error:  # noqa: BLE001 - any store's "not found"
+            log.debug("no serving config in %s: %s", uri, error)
+            return {}
+        return json.loads(Path(path).read_text())
+
+
 def cmd_serve(args) -> int:
+    from .runtime import REQUEST_THREADS_ENV
     from .serving import BATCH_ENV, WAIT_ENV
 
     _check_alias(args.model)
@@ -127,10 +144,19 @@ def cmd_serve(args) -> int:
     os.environ["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()
     # MLflow starts the server as `uvicorn` from PATH: the one installed beside this Python, venv not activated
     os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
-    # the model reads them in the scoring server's workers; unset, the registered registry.batch_* apply
-    for name, value in ((BATCH_ENV, args.batch_size), (WAIT_ENV, args.max_wait_ms)):
-        if value is not None:
-            os.environ[name] = str(value)
+    config = served_config(args.model)
+    batch = args.batch_size or config.get("batch_images", 1)
+    if "batch_images" not in config:
+        print("this model version was registered before request batching: it serves one request at a time",
+              file=sys.stderr)
+    elif batch > 1:
+        # the model reads these in each server process; a full batch of requests waits while the next is read
+        os.environ.update({BATCH_ENV: str(batch), REQUEST_THREADS_ENV: str(2 * batch + 4),
+                           "UVICORN_LOOP": "fashioncap.runtime:request_loop"})
+        if args.max_wait_ms is not None:
+            os.environ[WAIT_ENV] = str(args.max_wait_ms)
+    else:
+        os.environ[BATCH_ENV] = "1"
     os.execv(mlflow_bin, command)  # MLflow's own scoring server, not a re-implementation
     return 0
 

@@ -35,6 +35,23 @@ def configure_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+REQUEST_THREADS_ENV = "FASHIONCAP_REQUEST_THREADS"
+
+
+def request_loop():
+    """The scoring server's event loop (uvicorn's custom loop factory: `fashioncap serve` sets
+    UVICORN_LOOP to it). MLflow runs each request's predict in asyncio's default thread pool, which has
+    min(32, cores + 4) threads, 6 on 2 cores: at most 6 requests could wait for one batch. This loop's pool
+    has FASHIONCAP_REQUEST_THREADS threads."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop = asyncio.SelectorEventLoop()
+    threads = int(os.environ.get(REQUEST_THREADS_ENV) or 32)
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="request"))
+    return loop
+
+
 def project_root() -> Path:
     """The repository root: DVC's DVC_ROOT (the parent repo, also for queued experiments), else the
     nearest folder above the working directory that holds dvc.yaml, else the working directory."""

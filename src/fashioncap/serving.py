@@ -114,20 +114,6 @@ class Batcher:
                     captions = captions[len(job.images):]
 
 
-def enlarge_request_threads(threads: int) -> None:
-    """MLflow's scoring server runs each request's predict in asyncio's default thread pool, which has
-    min(32, cores + 4) threads (6 on 2 cores): that many requests at most could wait in one batch. Inside
-    the server (its event loop is running while the model loads) the pool gets `threads` threads."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:  # not inside the server: a script, a Spark task
-        return
-    loop.set_default_executor(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="request"))
-
-
 def bad_input(message: str) -> MlflowException:
     """An error the scoring server answers with HTTP 400 and this message."""
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
@@ -141,10 +127,13 @@ class Captioner(PythonModel):
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         from fashioncap.config import GenerateParams
+        from fashioncap.fingerprint import pin
         from fashioncap.modeling import mixed_precision
 
         with open(context.artifacts["serving_config"]) as f:
             self.config = json.load(f)
+        if "numerics" in self.config:  # the kernels and threads evaluate used: the same captions (older models: none)
+            pin(self.config["numerics"]["cpu_kernels"], self.config["numerics"]["threads"])
         self.generate = GenerateParams.model_validate(self.config["generate"])
         self.processor = BlipProcessor.from_pretrained(context.artifacts["blip"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -158,30 +147,31 @@ class Captioner(PythonModel):
 
     def _start_serving(self, timeout_s: float) -> None:
         """Times one caption at full length (the worst case: min_length = max_new_tokens) on this device,
-        which also warms it up; fits the per-request image limit and the batch to the timeout, and starts
-        the batcher unless batches are of one image."""
+        which also warms it up; fits the per-request image limit and the batch to the timeout. With batching,
+        every generate() runs on the batcher's thread, the warm-up too: one thread pool of torch's on the
+        cores, not one per request thread competing for them."""
         from PIL import Image
 
-        from fashioncap.modeling import caption_batch
-
+        configured = int(os.environ.get(BATCH_ENV) or self.config.get("batch_images", 1))  # older models: 1
+        wait_ms = float(os.environ.get(WAIT_ENV) or self.config.get("batch_wait_ms", 0))
+        caption = self._caption
+        if configured > 1:
+            self.batcher = Batcher(self._caption, 1, wait_ms / 1000)
+            caption = self.batcher.submit
         worst = self.generate.model_copy(update={"min_length": self.generate.max_new_tokens})
         started = time.perf_counter()
-        caption_batch(self.model, self.processor, [Image.new("RGB", (self.config["image_size"],) * 2, "white")],
-                      worst, self.precision)
+        caption([Image.new("RGB", (self.config["image_size"],) * 2, "white")], worst)
         seconds = time.perf_counter() - started
         self.max_images = fitting_images(timeout_s, seconds, self.config["max_images"])
-        configured = int(os.environ.get(BATCH_ENV) or self.config.get("batch_images", 1))  # older models: 1
         batch = batch_images_within(timeout_s, seconds, configured)
-        wait_ms = float(os.environ.get(WAIT_ENV) or self.config.get("batch_wait_ms", 0))
+        if self.batcher is not None:
+            self.batcher.max_images = batch
         log.warning("one full-length caption takes %.2f s on %s (%s): serving at most %d images per request "
                     "(registry.max_images %d, request timeout %.0f s); %s", seconds, self.model.device,
                     "bf16 autocast" if self.precision == "bf16" else "fp32", self.max_images,
                     self.config["max_images"], timeout_s,
                     f"batching up to {batch} images of concurrent requests, waiting at most {wait_ms:g} ms"
-                    if batch > 1 else "one request at a time")
-        if batch > 1:
-            self.batcher = Batcher(self._caption, batch, wait_ms / 1000)
-            enlarge_request_threads(2 * batch + 4)  # a full batch waiting, the next one being read
+                    if self.batcher is not None else "one request at a time")
 
     def _caption(self, images: list, generate) -> list[str]:
         from fashioncap.modeling import caption_all
