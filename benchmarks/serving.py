@@ -65,9 +65,9 @@ def batch_generate_s(model_dir: Path, params, images: list) -> float:
     """Seconds of one generate() over a full batch, as the served model runs it (same precision and pins)."""
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    from fashioncap.fingerprint import pin
+    from fashioncap.fingerprint import mixed_precision, pin
     from fashioncap.imaging import to_model_image
-    from fashioncap.modeling import caption_batch, mixed_precision
+    from fashioncap.modeling import caption_batch
 
     pin(params.numerics.cpu_kernels, params.numerics.threads)
     processor = BlipProcessor.from_pretrained(model_dir)

@@ -12,7 +12,8 @@ from .config import Params, load_params
 from .attributes import Vocabulary, attribute_scores, confusions
 from .metrics import Meteor, caption_scores, per_item_cider_d
 from .ptb import coco_tokens
-from .modeling import caption_all, initial_model, mixed_precision
+from .fingerprint import mixed_precision
+from .modeling import caption_all, initial_model
 from .runtime import run_stage, stage_args
 from . import fingerprint, tracking
 

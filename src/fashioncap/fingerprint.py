@@ -107,6 +107,18 @@ def native_bf16() -> bool:
     return any(detected) and isa is not None and levels.index(isa) >= levels.index("AVX512_CORE_BF16")
 
 
+def mixed_precision(requested: str) -> str:
+    """`train.mixed_precision` as Accelerate takes it: 'auto' is bf16 on a GPU that supports it and on a
+    CPU whose kernels compute bf16 natively (native_bf16), else full precision ('no'). Call it after pin()."""
+    import torch
+
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    return "bf16" if native_bf16() else "no"
+
+
 def pin(cpu_kernels: str, threads: int | None) -> dict[str, str]:
     """Applies the `numerics` params to this process; call it before the first torch operation. A family
     the CPU lacks is not pinned (a warning says so): the fingerprint then records what ran instead."""

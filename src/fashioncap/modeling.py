@@ -164,18 +164,6 @@ class Collator:
                 "labels": labels}
 
 
-def mixed_precision(requested: str) -> str:
-    """`train.mixed_precision` as Accelerate takes it: 'auto' is bf16 on a GPU that supports it and on a
-    CPU whose kernels compute bf16 natively (fingerprint.native_bf16), else full precision ('no')."""
-    from .fingerprint import native_bf16
-
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
-    return "bf16" if native_bf16() else "no"
-
-
 def autocast(precision: str, device: torch.device | str):
     """The autocast context for a resolved precision ('no', 'bf16', 'fp16') on a device."""
     kind = torch.device(device).type

@@ -127,8 +127,7 @@ class Captioner(PythonModel):
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         from fashioncap.config import GenerateParams
-        from fashioncap.fingerprint import pin
-        from fashioncap.modeling import mixed_precision
+        from fashioncap.fingerprint import mixed_precision, pin
 
         with open(context.artifacts["serving_config"]) as f:
             self.config = json.load(f)

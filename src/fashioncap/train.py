@@ -14,8 +14,8 @@ import torch
 from .config import Params, TrainParams, load_params
 from .data import TOKEN_LENGTHS, DataSourceError
 from .metrics import caption_scores
-from .modeling import (Collator, apply_memory_options, build_processor, caption_all, initial_model, mixed_precision,
-                       save_model)
+from .fingerprint import mixed_precision
+from .modeling import Collator, apply_memory_options, build_processor, caption_all, initial_model, save_model
 from .runtime import FashioncapError, progress, run_stage, stage_args
 from . import checkpoint, disk, fingerprint, lineage, plots, tracking
 
@@ -254,6 +254,9 @@ def build(params: Params, data_dir: Path) -> Job:
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # one process tells the story
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not fingerprint.native_bf16():
+        log.warning("train.mixed_precision bf16 on a CPU whose kernels in use lack native bf16: autocast emulates it, "
+                    "which is slower than fp32 (train.mixed_precision auto picks fp32 here)")
     if cfg.batch_size % accelerator.num_processes:
         raise DataSourceError(f"train.batch_size ({cfg.batch_size}) must be a multiple of the number of processes "
                               f"({accelerator.num_processes}): it is the global batch, split across them")

@@ -39,14 +39,19 @@ STEPS = 28  # killed after the checkpoint of step 12: evaluations before and aft
 
 @pytest.fixture
 def long_params(tiny_raw, write_params):
-    train = {**tiny_raw["train"], "max_steps": STEPS, "eval_every": 8, "checkpoint_every": 4, "patience": 10}
-    return write_params({**tiny_raw, "train": train})
+    """bf16 autocast with this CPU's own kernels (native bf16 where it has it, emulated elsewhere): the
+    strictest case, since autocast has to be back after the resume; fp32 shares every other mechanism."""
+    train = {**tiny_raw["train"], "max_steps": STEPS, "eval_every": 8, "checkpoint_every": 4, "patience": 10,
+             "mixed_precision": "bf16"}
+    numerics = {**tiny_raw["numerics"], "cpu_kernels": "native"}
+    return write_params({**tiny_raw, "train": train, "numerics": numerics})
 
 
 def test_killed_training_resumes_to_bit_identical_results(tmp_path, long_params, tiny_model):
     _, data_dir = tiny_model
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     assert start(straight, long_params, data_dir).wait(timeout=600) == 0
+    assert json.loads((straight / "fingerprint.json").read_text())["mixed_precision"] == "bf16"
 
     proc = start(crashed, long_params, data_dir)
     deadline = time.monotonic() + 300

@@ -28,10 +28,16 @@ def test_best_tracker_minimises_loss():
     assert t.best_step == 2 and t.exhausted
 
 
-@pytest.mark.parametrize(("gpu", "bf16", "expected"), [(False, False, "no"), (True, False, "no"), (True, True, "bf16")])
-def test_auto_precision_is_bf16_only_on_a_gpu_that_has_it(monkeypatch, gpu, bf16, expected):
+@pytest.mark.parametrize(("gpu", "gpu_bf16", "cpu_bf16", "expected"), [
+    (False, False, False, "no"), (False, False, True, "bf16"),  # a CPU: bf16 where its kernels have it natively
+    (True, False, True, "no"), (True, True, False, "bf16"),  # a GPU decides, whatever the CPU has
+])
+def test_auto_precision_is_bf16_where_the_device_computes_it_natively(monkeypatch, gpu, gpu_bf16, cpu_bf16, expected):
+    from fashioncap import fingerprint
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: gpu_bf16)
+    monkeypatch.setattr(fingerprint, "native_bf16", lambda: cpu_bf16)
     assert mixed_precision("auto") == expected
     assert mixed_precision("fp16") == "fp16" and mixed_precision("no") == "no"  # explicit values pass through
 

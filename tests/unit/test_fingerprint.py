@@ -1,6 +1,8 @@
 """The machine's fingerprint: which kernels a CPU can run, which ones a process uses, what a re-run must pin
 to match another machine, and the rule a reproduction is held to."""
 
+import pytest
+
 from fashioncap import fingerprint as fp
 from fashioncap.reproduce import CROSS_MACHINE_TOLERANCE, GPU_RELATIVE_TOLERANCE, Rule, Target, compare, report, \
     rule, weights_verdict
@@ -94,3 +96,23 @@ def test_the_report_shows_both_machines_and_the_rule():
     assert "aten_kernels      avx2" in text and text.split("aten_kernels")[1].splitlines()[0].endswith("*")
     assert "rule: metrics within 5%, because the machines compute differently (aten_kernels avx2 vs avx512)" in text
     assert "verdict: REPRODUCED (metrics within 5%)" in text and "as expected when the machines differ" in text
+
+
+@pytest.mark.parametrize(("flags", "torch_says", "cap", "expected"), [
+    (AVX512_BF16, True, None, True),
+    (AVX512_BF16, True, "AVX512_CORE", False),  # numerics.cpu_kernels avx512 caps oneDNN below its bf16 kernels
+    (AVX512_BF16, True, "AVX2", False),  # the offline profile's pin: fp32 bits, whatever the CPU
+    (AVX512_BF16, False, None, False),  # torch does not see it (an old torch, another architecture)
+    (AVX2_ONLY, False, None, False),
+])
+def test_native_bf16_needs_the_cpu_and_the_kernels_in_use(monkeypatch, flags, torch_says, cap, expected):
+    import torch
+
+    monkeypatch.setattr(fp, "cpu_info", lambda: {"model": "x", "vendor": "v", "flags": " ".join(sorted(flags))})
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: torch_says, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    if cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    else:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    assert fp.native_bf16() is expected
