@@ -211,6 +211,21 @@ def served_limits(model, batch_size: int) -> tuple[int, int, int]:
             config.get("max_request_bytes", 1 << 62), config.get("max_pixels", DEFAULT_MAX_PIXELS))
 
 
+def cmd_caption_catalogue(args) -> int:
+    try:
+        import pyspark  # noqa: F401
+    except ImportError:
+        raise FashioncapError("caption-catalogue runs on Apache Spark: pip install -e '.[spark]' (and Java 17+)") from None
+    from .catalogue import run
+
+    _check_alias(args.model)
+    summary = run(Path(args.source), Path(args.output), args.model, args.master, args.batch_size, args.threads)
+    print(f"{summary['rows']} images: {summary['captioned']} captioned, {summary['errors']} with an error "
+          f"(column 'error'), by {summary['model']} in {summary['seconds']} s ({summary['images_per_s']} images/s) "
+          f"-> {args.output}")
+    return 0
+
+
 def cmd_caption(args) -> int:
     import mlflow
     import pandas as pd
@@ -297,6 +312,20 @@ def parser() -> argparse.ArgumentParser:
     caption.add_argument("--json", action="store_true", help="one JSON object per line")
     caption.add_argument("--batch-size", type=int, default=16)
     caption.set_defaults(func=cmd_caption)
+    catalogue = sub.add_parser("caption-catalogue", help="caption a whole catalogue on Apache Spark with a registry "
+                               "model (mlflow.pyfunc.spark_udf); needs the [spark] extra")
+    catalogue.add_argument("source", help="a folder of images (searched recursively) or a parquet table with "
+                           "'path' and 'image' (encoded bytes) columns")
+    catalogue.add_argument("--output", required=True, help="parquet folder to write: path, caption, error, "
+                           "model_name, model_version; one row per image (replaced if it exists)")
+    catalogue.add_argument("--model", help="model URI (default: models:/<name>@champion); the job pins the version "
+                           "the alias names when it starts")
+    catalogue.add_argument("--master", default="local[2]", help="Spark master URL: local[N] on this machine, "
+                           "spark://host:7077, yarn, k8s://... on a cluster (default local[2])")
+    catalogue.add_argument("--batch-size", type=positive_int, default=16, help="images per predict() call (Arrow batch)")
+    catalogue.add_argument("--threads", type=positive_int, default=1, help="torch threads per Spark task (default 1: "
+                           "one task per core)")
+    catalogue.set_defaults(func=cmd_caption_catalogue)
     score = sub.add_parser("score", help="score captions against references with the pipeline's metrics (COCO "
                            "tokenisation, BLEU-1..4, CIDEr-D, ROUGE-L, METEOR)")
     score.add_argument("--references", required=True, help='JSON lines: {"id": ..., "references": ["...", ...]}')

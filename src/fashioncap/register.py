@@ -55,7 +55,9 @@ def signature(params: Params):
         inputs=Schema([ColSpec("string", "image")]),
         outputs=Schema([ColSpec("string")]),
         params=ParamSchema([ParamSpec("num_beams", "long", params.generate.num_beams),
-                            ParamSpec("max_new_tokens", "long", params.generate.max_new_tokens)]),
+                            ParamSpec("max_new_tokens", "long", params.generate.max_new_tokens),
+                            # "row": a bad image is a row with an error (batch jobs); "raise": HTTP 400
+                            ParamSpec("errors", "string", "raise")]),
     )
 
 

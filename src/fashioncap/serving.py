@@ -28,6 +28,7 @@ IMAGE_COLUMN = "image"
 TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # set by `mlflow models serve` (--timeout) for its workers
 BATCH_ENV = "FASHIONCAP_BATCH_IMAGES"  # set by `fashioncap serve --batch-size`: overrides registry.batch_images
 WAIT_ENV = "FASHIONCAP_BATCH_WAIT_MS"  # set by `fashioncap serve --max-wait-ms`: overrides registry.batch_wait_ms
+THREADS_ENV = "FASHIONCAP_THREADS"  # torch threads of this process, e.g. one per Spark task: overrides numerics.threads
 TIMEOUT_SHARE = 0.8  # of the request timeout a full request may take: decoding, queueing and the rest get 20%
 log = logging.getLogger("fashioncap.serving")
 
@@ -131,8 +132,9 @@ class Captioner(PythonModel):
 
         with open(context.artifacts["serving_config"]) as f:
             self.config = json.load(f)
-        if "numerics" in self.config:  # the kernels and threads evaluate used: the same captions (older models: none)
-            pin(self.config["numerics"]["cpu_kernels"], self.config["numerics"]["threads"])
+        # the kernels and threads evaluate used, so the same captions (older models have no numerics)
+        numerics = self.config.get("numerics", {"cpu_kernels": "native", "threads": None})
+        pin(numerics["cpu_kernels"], int(os.environ.get(THREADS_ENV) or 0) or numerics["threads"])
         self.generate = GenerateParams.model_validate(self.config["generate"])
         self.processor = BlipProcessor.from_pretrained(context.artifacts["blip"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,7 +143,8 @@ class Captioner(PythonModel):
         self.precision = mixed_precision(self.config.get("mixed_precision", "no"))  # older models: fp32
         self.max_images = self.config["max_images"]
         self.batcher = None
-        if os.environ.get(TIMEOUT_ENV):  # inside the scoring server: a request must fit its timeout
+        self.serving = bool(os.environ.get(TIMEOUT_ENV))  # inside the scoring server: requests and their limits
+        if self.serving:
             self._start_serving(float(os.environ[TIMEOUT_ENV]))
 
     def _start_serving(self, timeout_s: float) -> None:
@@ -177,12 +180,13 @@ class Captioner(PythonModel):
 
         generate = generate.model_copy(update={"batch_size": max(generate.batch_size, len(images))})
         return caption_all(self.model, self.processor, images, generate, quiet=True, precision=self.precision)
-    def _images(self, model_input):
-        from fashioncap.imaging import ImageInputError, decode_base64_image, to_model_image
-
+    def _values(self, model_input) -> list:
+        """The request's base64 images; inside the scoring server, within its per-request limits."""
         if IMAGE_COLUMN not in getattr(model_input, "columns", []):
             raise bad_input(f"the request needs a column '{IMAGE_COLUMN}' of base64-encoded images")
         values = list(model_input[IMAGE_COLUMN])
+        if not self.serving:  # a batch job (Spark, a script): its batches are not requests
+            return values
         if not values:
             raise bad_input("the request holds no images")
         if len(values) > self.max_images:
@@ -192,26 +196,52 @@ class Captioner(PythonModel):
         size = sum(len(v) for v in values if isinstance(v, (str, bytes)))
         if size > self.config["max_request_bytes"]:
             raise bad_input(f"{size} bytes of image data in one request; the limit is {self.config['max_request_bytes']}")
+        return values
+
+    def _decoded(self, values: list) -> list:
+        """Each value as the model's image, or the ImageInputError that says why it is not one."""
+        from fashioncap.imaging import ImageInputError, decode_base64_image, to_model_image
+
         images = []
-        for row, value in enumerate(values):
+        for value in values:
             try:
-                image = decode_base64_image(value, self.config["max_pixels"])
+                images.append(to_model_image(decode_base64_image(value, self.config["max_pixels"]),
+                                             self.config["image_size"]))
             except ImageInputError as error:
-                raise bad_input(f"image {row}: {error}") from None
-            images.append(to_model_image(image, self.config["image_size"]))
+                images.append(error)
         return images
 
-    def predict(self, context, model_input, params=None) -> list[str]:
-        images = self._images(model_input)
-        overrides = {k: v for k, v in (params or {}).items() if v is not None}
+    def _settings(self, params: dict | None) -> tuple[object, str]:
+        """The generation settings with the request's overrides, and its error mode."""
+        params = {k: v for k, v in (params or {}).items() if v is not None}
+        errors = params.pop("errors", "raise")
+        if errors not in ("raise", "row"):
+            raise bad_input(f"invalid inference params: errors must be 'raise' or 'row', not {errors!r}")
         try:
-            generate = self.generate.model_copy(update=overrides)
-            generate = type(generate).model_validate(generate.model_dump())
+            generate = self.generate.model_copy(update=params)
+            return type(generate).model_validate(generate.model_dump()), errors
         except ValueError as error:
             raise bad_input(f"invalid inference params: {error}") from None
-        if self.batcher is not None:
-            return self.batcher.submit(images, generate)
-        return self._caption(images, generate)
+
+    def predict(self, context, model_input, params=None):
+        """One caption per image. errors='raise' (the default): a bad image fails the request with a
+        message naming it (HTTP 400). errors='row': a DataFrame of caption and error per image, where a bad
+        image is a row with an error and no caption ("" for none), as a batch job over a catalogue needs."""
+        import pandas as pd
+
+        generate, errors = self._settings(params)
+        images = self._decoded(self._values(model_input))
+        bad = {row: str(image) for row, image in enumerate(images) if isinstance(image, Exception)}
+        if errors == "raise" and bad:
+            row = min(bad)
+            raise bad_input(f"image {row}: {bad[row]}")
+        good = [image for image in images if not isinstance(image, Exception)]
+        captions = iter((self.batcher.submit if self.batcher else self._caption)(good, generate) if good else [])
+        if errors == "raise":
+            return list(captions)
+        # "" for none: mlflow.pyfunc.spark_udf casts a struct's string fields with astype(str), None -> "None"
+        return pd.DataFrame({"caption": ["" if row in bad else next(captions) for row in range(len(images))],
+                             "error": [bad.get(row, "") for row in range(len(images))]})
 
 
 mlflow.models.set_model(Captioner())
