@@ -57,11 +57,12 @@ def machine() -> dict:
     its core count."""
     from pathlib import Path
 
-    from fashioncap.fingerprint import fingerprint
+    from fashioncap.fingerprint import fingerprint, mixed_precision
 
-    machine = fingerprint(Path(__file__).resolve().parents[1], "no")
-    keep = ("cpu", "cpu_flags", "aten_kernels", "onednn_isa", "mkl_cbwr", "threads", "device", "gpu", "cuda",
-            "torch", "transformers", "numpy", "pillow", "python", "lock", "lock_installed")
+    # mixed_precision: what train.mixed_precision auto uses here (bf16 where the kernels compute it natively)
+    machine = fingerprint(Path(__file__).resolve().parents[1], mixed_precision("auto"))
+    keep = ("cpu", "cpu_flags", "aten_kernels", "onednn_isa", "mkl_cbwr", "threads", "mixed_precision", "device",
+            "gpu", "cuda", "torch", "transformers", "numpy", "pillow", "python", "lock", "lock_installed")
     return {"cores": _cores(), **{k: machine[k] for k in keep}}
 
 

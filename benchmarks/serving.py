@@ -62,20 +62,27 @@ def champion(root: Path, size: str) -> tuple[dict, Path, object]:
 
 
 def batch_generate_s(model_dir: Path, params, images: list) -> float:
-    """Seconds of one generate() over a full batch, as the served model runs it (same precision and pins)."""
+    """Seconds of one generate() over a full batch, with the served model's precision and threads (this
+    process keeps its own kernels: they were chosen at its first operation)."""
     from transformers import BlipForConditionalGeneration, BlipProcessor
 
-    from fashioncap.fingerprint import mixed_precision, pin
+    import torch
+
+    from fashioncap.fingerprint import mixed_precision
     from fashioncap.imaging import to_model_image
     from fashioncap.modeling import caption_batch
 
-    pin(params.numerics.cpu_kernels, params.numerics.threads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(params.numerics.threads or threads)  # the server's; its kernel pin is not repeated here
     processor = BlipProcessor.from_pretrained(model_dir)
     model = BlipForConditionalGeneration.from_pretrained(model_dir).eval()
     batch = [to_model_image(im, params.model.image_size) for im in images][: params.registry.batch_images]
     batch = (batch * params.registry.batch_images)[: params.registry.batch_images]
     precision = mixed_precision(params.train.mixed_precision)
-    return median_seconds(lambda: caption_batch(model, processor, batch, params.generate, precision), 3)
+    try:
+        return median_seconds(lambda: caption_batch(model, processor, batch, params.generate, precision), 3)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _post(url: str, body: bytes) -> float:
