@@ -63,7 +63,8 @@ def main() -> None:
         results = module.run(level, args.pipeline_repo) if name == "pipeline" else module.run(level)
         seconds[name] = round(time.perf_counter() - started, 1)
         rows.extend(r.as_dict() for r in results)
-        print(f"# {name}: {seconds[name]} s", flush=True)
+        # each benchmark's figures as soon as they exist: a later benchmark that fails cannot lose them
+        print(f"# {name}: {seconds[name]} s {json.dumps([r.as_dict() for r in results])}", flush=True)
     print(table(rows))
     print(json.dumps({"machine": measured_on, "level": level, "seconds": seconds, "results": rows}))
 

@@ -22,8 +22,10 @@ from tests.conftest import background_server, free_port, untrained_model  # the 
 
 from .common import Result, median_seconds, offline_params, products
 
+# BLIP-base with the default profile's numerics (this CPU's kernels); greedy 16-token captions keep a request
+# to seconds on a CPU (random weights write every token)
 BASE_OVERRIDES = ("model.image_size=384", "numerics.cpu_kernels=native", "numerics.threads=null",
-                  "generate.max_new_tokens=16", "generate.min_length=0")
+                  "model.max_caption_tokens=16", "generate.max_new_tokens=16", "generate.min_length=0")
 
 
 def champion(root: Path, size: str) -> tuple[dict, Path, object]:
