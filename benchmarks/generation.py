@@ -1,4 +1,6 @@
-"""Caption generation: the evaluate stage's batched generate() (KV cache on) against one image at a time."""
+"""Caption generation: the evaluate stage's batched generate() (KV cache on, `train.mixed_precision` auto as
+this process resolves it: bf16 autocast where the CPU computes bf16 natively) against one image at a time
+in fp32."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from .train_step import build_model, make_processor
 
 
 def measure(size: str, n_images: int, beams: int, repeats: int) -> dict:
+    from fashioncap.fingerprint import mixed_precision
     from fashioncap.modeling import caption_all, caption_batch
 
     params = offline_params(f"generate.num_beams={beams}", "generate.min_length=0")
@@ -19,11 +22,13 @@ def measure(size: str, n_images: int, beams: int, repeats: int) -> dict:
     if torch.cuda.is_available():
         model = model.cuda()
     images = [p.image for p in items]
+    precision = mixed_precision("auto")
     # random weights rarely say "stop": both ways generate max_new_tokens for every image
-    batched = median_seconds(lambda: caption_all(model, processor, images, params.generate, quiet=True), repeats)
+    batched = median_seconds(lambda: caption_all(model, processor, images, params.generate, quiet=True,
+                                                 precision=precision), repeats)
     single = median_seconds(lambda: [caption_batch(model, processor, [im], params.generate) for im in images], repeats)
     return {"batched_s": batched, "single_s": single, "batch_size": params.generate.batch_size,
-            "max_new_tokens": params.generate.max_new_tokens}
+            "max_new_tokens": params.generate.max_new_tokens, "precision": "bf16" if precision == "bf16" else "fp32"}
 
 
 def run(level: str) -> list[Result]:
@@ -36,7 +41,8 @@ def run(level: str) -> list[Result]:
         m = measure(size, n, beams, repeats={"smoke": 1, "quick": 2}.get(level, 3 if size == "base" else 5))
         name = "BLIP-base" if size == "base" else "offline BLIP"
         mode = "greedy" if beams == 1 else f"{beams} beams"
-        results.append(Result("caption generation", f"{name}, {n} images, {mode}, batch {min(n, m['batch_size'])}",
+        results.append(Result("caption generation",
+                              f"{name}, {n} images, {mode}, batch {min(n, m['batch_size'])}, {m['precision']}",
                               "images/s", n / m["batched_s"], n / m["single_s"], "one image at a time",
                               target=2.0))
     return results

@@ -70,7 +70,7 @@ def main() -> None:
             buf = io.BytesIO()
             product.image.save(buf, format="PNG")
             encoded.append(base64.b64encode(buf.getvalue()).decode())
-        with server(root, {**os.environ}, None) as url:
+        with server(root, {**os.environ}) as url:
             for c, n in plan.items():
                 print(f"fashioncap serve, concurrency {c}: {load(url, encoded, c, n)}", flush=True)
         started = time.perf_counter()

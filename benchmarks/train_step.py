@@ -3,7 +3,8 @@
 Original recipe: the processor decodes and resizes the full-size photo inside the loop, every caption
 is padded to 512 tokens, no attention mask, pads count in the loss, fp32, plain AdamW.
 This project: images stored at the model's size (prepare did the resize once), captions padded to the
-longest in the batch with an attention mask, Accelerate (bf16 autocast on a GPU), AdamW without decay
+longest in the batch with an attention mask, Accelerate (`train.mixed_precision` auto: bf16 autocast on a GPU
+and on a CPU that computes bf16 natively), AdamW without decay
 on norms and biases (fused on a GPU).
 """
 
@@ -152,7 +153,8 @@ def run(level: str) -> list[Result]:
                 "smoke": [("offline", 8, 1)]}[level]
     for size, batch, repeats in settings:
         m = measure(size, batch, repeats)
-        label = f"{'BLIP-base (224M)' if size == 'base' else 'offline BLIP (0.9M)'}, batch {batch}, {m['device']}"
+        precision = "bf16" if m["precision"] == "bf16" else "fp32"
+        label = f"{'BLIP-base (224M)' if size == 'base' else 'offline BLIP (0.9M)'}, batch {batch}, {m['device']} {precision}"
         results.append(Result("train throughput", label, "samples/s", batch / m["ours_s"], batch / m["original_s"],
                               "original recipe", target=2.0 if size == "base" else None))
         if size == "base" and level == "full":  # another recipe: the text decoder only
