@@ -44,8 +44,12 @@ def champion(root: Path, size: str, precisions: tuple[str, ...] = ("auto",)) -> 
         model_dir = root / "blip-base"
         model_dir.mkdir()
         standins.write_model(model_dir, shrunk=False, seed=0)
+    import torch
+
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}"}
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    # registering validates the input example by loading the model, which pins the registered numerics in this
+    # process (ONEDNN_MAX_CPU_ISA=AVX2 would turn bf16 off for every later benchmark): put everything back after
+    before, threads = dict(os.environ), torch.get_num_threads()
     os.environ.update(env)  # the project's tracking code reads it
     try:
         for precision in precisions:
@@ -59,10 +63,9 @@ def champion(root: Path, size: str, precisions: tuple[str, ...] = ("auto",)) -> 
                       "test_digest": "benchmark", "exact_match_after": 0.0})
         promotion.promote(mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"]), params.registry.name, force=True)
     finally:
-        if before is None:
-            os.environ.pop("MLFLOW_TRACKING_URI")
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = before
+        os.environ.clear()
+        os.environ.update(before)
+        torch.set_num_threads(threads)
     return env, model_dir, params
 
 
