@@ -106,6 +106,8 @@ def _quiet_env(monkeypatch, tmp_path_factory):
     yield
     if threads is not None:
         sys.modules["torch"].set_num_threads(threads)
+    if "accelerate.state" in sys.modules:  # a stage run in this process fixed Accelerate's precision for it
+        sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="session")

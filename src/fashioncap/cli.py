@@ -234,8 +234,11 @@ def cmd_caption(args) -> int:
     files = image_files(args.paths)
     if not files:
         raise promotion.RegistryError("no image files found in the paths given")
+    from .serving import THREADS_ENV
+
     _check_alias(args.model)
     mlflow.set_tracking_uri(tracking.tracking_uri())
+    os.environ.setdefault(THREADS_ENV, "0")  # a process of its own: the model pins the training's numerics
     model = mlflow.pyfunc.load_model(args.model)
     max_images, max_bytes, max_pixels = served_limits(model, args.batch_size)
     good, errors = _readable(files, max_pixels)

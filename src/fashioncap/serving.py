@@ -28,7 +28,8 @@ IMAGE_COLUMN = "image"
 TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # set by `mlflow models serve` (--timeout) for its workers
 BATCH_ENV = "FASHIONCAP_BATCH_IMAGES"  # set by `fashioncap serve --batch-size`: overrides registry.batch_images
 WAIT_ENV = "FASHIONCAP_BATCH_WAIT_MS"  # set by `fashioncap serve --max-wait-ms`: overrides registry.batch_wait_ms
-THREADS_ENV = "FASHIONCAP_THREADS"  # torch threads of this process, e.g. one per Spark task: overrides numerics.threads
+# torch threads of a process that captions, e.g. one per Spark task ("0": numerics.threads); set, the model pins
+THREADS_ENV = "FASHIONCAP_THREADS"
 TIMEOUT_SHARE = 0.8  # of the request timeout a full request may take: decoding, queueing and the rest get 20%
 log = logging.getLogger("fashioncap.serving")
 
@@ -132,9 +133,12 @@ class Captioner(PythonModel):
 
         with open(context.artifacts["serving_config"]) as f:
             self.config = json.load(f)
-        # the kernels and threads evaluate used, so the same captions (older models have no numerics)
+        # in a process of its own (the scoring server, a Spark worker, `fashioncap caption`): the kernels and
+        # threads evaluate used, so the same captions. Never in a process that only loads the model in passing
+        # (log_model checking its input example, a notebook): the pins would stay in that process.
         numerics = self.config.get("numerics", {"cpu_kernels": "native", "threads": None})
-        pin(numerics["cpu_kernels"], int(os.environ.get(THREADS_ENV) or 0) or numerics["threads"])
+        if os.environ.get(TIMEOUT_ENV) or os.environ.get(THREADS_ENV) is not None:
+            pin(numerics["cpu_kernels"], int(os.environ.get(THREADS_ENV) or 0) or numerics["threads"])
         self.generate = GenerateParams.model_validate(self.config["generate"])
         self.processor = BlipProcessor.from_pretrained(context.artifacts["blip"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
