@@ -9,7 +9,6 @@ machine's cores; a cluster's master URL (spark://host:7077, yarn, k8s://...) run
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
@@ -17,8 +16,7 @@ from pathlib import Path
 
 from .runtime import FashioncapError
 
-log = logging.getLogger(__name__)
-OUTPUT_COLUMNS = ("path", "caption", "error", "model_name", "model_version")
+OUTPUT_COLUMNS = ("path", "caption", "error", "model_name", "model_version")  # one row per input image
 
 
 class CatalogueError(FashioncapError):

@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from fashioncap import promotion
+from fashioncap.catalogue import OUTPUT_COLUMNS
 from fashioncap.register import register
 from tests.conftest import new_run, table
 
@@ -83,7 +84,9 @@ def test_every_image_comes_back_exactly_once_with_a_caption_or_its_error(catalog
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"{GOOD + len(bad)} images: {GOOD} captioned, {len(bad)} with an error" in proc.stdout
 
-    rows = pq.read_table(out).to_pylist()
+    written = pq.read_table(out)
+    assert tuple(written.column_names) == OUTPUT_COLUMNS
+    rows = written.to_pylist()
     paths = [r["path"].removeprefix("file:") for r in rows]
     expected = sorted(str(p) for p in photos.rglob("*") if p.is_file() and p.suffix != ".txt")
     assert sorted(paths) == expected  # every image once, nothing else
