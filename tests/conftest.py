@@ -55,6 +55,17 @@ TINY_OVERRIDES = [
 ]
 
 
+def pytest_collection_modifyitems(config, items):
+    """tests/e2e/test_hermetic.py runs the whole pipeline module in a shell that names the user's world; when
+    it is selected, that module runs there only, not a second time in this process (its tests then count in
+    the hermetic test's own report). Selected alone, the pipeline module runs here as usual."""
+    hermetic = [i for i in items if i.path == REPO / "tests/e2e/test_hermetic.py"]
+    pipeline = [i for i in items if i.path == REPO / "tests/e2e/test_pipeline.py"]
+    if hermetic and pipeline:
+        config.hook.pytest_deselected(items=pipeline)
+        items[:] = [i for i in items if i not in pipeline]
+
+
 def compose(overrides: list[str]) -> dict:
     """Composes conf/ exactly as `dvc exp run -S` does, returning the params mapping."""
     from hydra import compose as hydra_compose, initialize_config_dir
@@ -86,6 +97,38 @@ def write_params(tmp_path):
         return path
 
     return write
+
+
+# Variables that name a store, remote, cache or credential of the user's (the team's MLflow server, a DVC or S3
+# remote, the Hugging Face cache and token, git's global config): no test, nor any process a test starts, sees them.
+USER_WORLD_PREFIXES = ("MLFLOW_", "AWS_", "DVC_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_", "DATABRICKS_", "AZURE_",
+                       "GOOGLE_", "GIT_", "XDG_")
+TEST_GIT_IDENTITY = "[user]\n\tname = fashioncap tests\n\temail = tests@fashioncap.invalid\n"
+
+
+def hermetic_environ(environ: dict[str, str], home: Path) -> dict[str, str]:
+    """The user's environment without the variables that name their world, HOME moved to `home` (so ~/.cache,
+    ~/.config, ~/.aws, ~/.netrc, ~/.mlflow, DVC's global config and the Hugging Face cache are the session's
+    own), and telemetry off."""
+    from fashioncap.runtime import QUIET_ENV
+
+    kept = {k: v for k, v in environ.items() if not k.startswith(USER_WORLD_PREFIXES)}
+    return {**kept, "HOME": str(home), "HF_HOME": str(home / ".cache" / "huggingface"), **QUIET_ENV}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _hermetic_world(tmp_path_factory) -> Path:
+    """The whole session, and every process it starts, runs in `hermetic_environ`. Session-scoped and
+    autouse, so it is set up before every other fixture, the session-wide projects included."""
+    home = tmp_path_factory.mktemp("home")
+    (home / ".gitconfig").write_text(TEST_GIT_IDENTITY)
+    target = hermetic_environ(dict(os.environ), home)
+    with pytest.MonkeyPatch.context() as patch:
+        for key in set(os.environ) - set(target):
+            patch.delenv(key)
+        for key, value in target.items():
+            patch.setenv(key, value)
+        yield home
 
 
 @pytest.fixture(autouse=True)

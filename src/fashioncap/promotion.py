@@ -13,6 +13,10 @@ from .runtime import FashioncapError
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 CIDER_TAG, BLEU_TAG, DIGEST_TAG, RUN_TAG, COMMIT_TAG = "test_cider_d", "test_bleu_4", "data_digest", "run_id", "git_commit"
+PROFILE_TAG = "profile"
+# Profiles whose models are demonstrations (a small model on a synthetic catalogue, the test suite's tiny
+# params): never a shop's champion by accident, whatever they score on their own test set.
+DEMO_PROFILES = ("offline",)
 
 
 class RegistryError(FashioncapError):
@@ -26,13 +30,27 @@ class Version:
     number: str
     cider_d: float
     digest: str
+    profile: str = "unknown"
 
     @classmethod
-    def of(cls, mv) -> "Version":
+    def of(cls, mv, client=None) -> "Version":
+        """The version's tags; a version registered before the profile tag takes its run's `profile` tag."""
         tags = mv.tags or {}
         if CIDER_TAG not in tags or DIGEST_TAG not in tags:
             raise RegistryError(f"version {mv.version} has no '{CIDER_TAG}'/'{DIGEST_TAG}' tags to compare by")
-        return cls(str(mv.version), float(tags[CIDER_TAG]), tags[DIGEST_TAG])
+        return cls(str(mv.version), float(tags[CIDER_TAG]), tags[DIGEST_TAG], tags.get(PROFILE_TAG)
+                   or _run_profile(client, mv) or "unknown")
+
+
+def _run_profile(client, mv) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    if client is None or not mv.run_id:
+        return None
+    try:
+        return client.get_run(mv.run_id).data.tags.get(PROFILE_TAG)
+    except MlflowException:  # the run was deleted
+        return None
 
 
 def alias_version(client, name: str, alias: str):
@@ -66,6 +84,10 @@ def refusal(candidate: Version, champion: Version | None, force: bool) -> str | 
         return None
     if candidate.number == champion.number:
         return f"version {candidate.number} is already the {CHAMPION}"
+    if candidate.profile in DEMO_PROFILES and candidate.profile != champion.profile:
+        return (f"version {candidate.number} was trained by the '{candidate.profile}' profile, a demonstration, and "
+                f"{CHAMPION} version {champion.number} by the '{champion.profile}' profile: a demonstration model "
+                f"does not replace it. Use --force to promote anyway")
     if candidate.digest != champion.digest:
         return (f"version {candidate.number} was tested on another test set (digest {candidate.digest[:12]}) than "
                 f"{CHAMPION} version {champion.number} ({champion.digest[:12]}); their scores do not compare. "
@@ -88,7 +110,7 @@ def promote(client, name: str, version: str | None = None, force: bool = False) 
     champion = alias_version(client, name, CHAMPION)
     if champion is not None and str(champion.version) == str(target.version):
         raise RegistryError(f"version {target.version} is already the {CHAMPION}")
-    reason = refusal(Version.of(target), Version.of(champion) if champion is not None else None, force)
+    reason = refusal(Version.of(target, client), Version.of(champion, client) if champion is not None else None, force)
     if reason:
         raise RegistryError(reason)
     moved = []

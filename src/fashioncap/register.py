@@ -134,7 +134,7 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
             signature=signature(params), input_example=input_example(data_dir),
             pip_requirements=pip_requirements())
     tags = {promotion.CIDER_TAG: str(table["after"]["cider_d"]), promotion.BLEU_TAG: str(table["after"]["bleu_4"]),
-            promotion.DIGEST_TAG: table["test_digest"], promotion.RUN_TAG: run_id,
+            promotion.DIGEST_TAG: table["test_digest"], promotion.RUN_TAG: run_id, promotion.PROFILE_TAG: params.profile,
             "model_digest": run.data.tags.get("model.digest", "unknown"),
             promotion.COMMIT_TAG: run.data.tags.get("mlflow.source.git.commit", "unknown"),
             **{f"test_{m}": str(table["after"][m]) for m in ("rouge_l", "meteor") if m in table["after"]},

@@ -66,6 +66,23 @@ def test_promote_needs_a_better_score_on_the_same_test_set(registry_env, tiny_pa
     assert promotion.promote(client, NAME, "4")[-1] == f"{NAME}@champion: version 2 -> version 4"
 
 
+def test_a_demo_model_never_replaces_a_champion_of_another_profile(registry_env, tiny_params):
+    client, model_dir, data_dir = registry_env
+    real = tiny_params.model_copy(update={"profile": "default"})
+    register(real, new_run(real), model_dir, data_dir, table(1.0))
+    promotion.promote(client, NAME)
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(5.0))  # version 2: offline, scores higher
+    assert client.get_model_version(NAME, "2").tags[promotion.PROFILE_TAG] == "offline"
+    refused = "version 2 was trained by the 'offline' profile.*champion version 1 by the 'default' profile"
+    with pytest.raises(promotion.RegistryError, match=refused):
+        promotion.promote(client, NAME)
+    client.delete_model_version_tag(NAME, "2", promotion.PROFILE_TAG)  # registered before the tag: its run's
+    with pytest.raises(promotion.RegistryError, match=refused):
+        promotion.promote(client, NAME)
+    assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
+    assert promotion.promote(client, NAME, force=True)[-1] == f"{NAME}@champion: version 1 -> version 2"
+
+
 def test_rollback_restores_the_previous_champion_in_one_step(registry_env, tiny_params):
     client, model_dir, data_dir = registry_env
     register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(1.0))
