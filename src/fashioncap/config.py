@@ -84,6 +84,9 @@ class ModelParams(_Section):
     image_size: Annotated[int, Field(ge=16, le=1024)]
     max_caption_tokens: Annotated[int, Field(ge=4, le=512)]
     label_smoothing: Annotated[float, Field(ge=0.0, lt=1.0)]
+    # BLIP's attention: through scaled_dot_product_attention (fused kernels; the checkpoint is unchanged), or
+    # transformers' own eager implementation
+    attention: Literal["sdpa", "eager"]
     scratch: ScratchModel
 
     @property
@@ -160,6 +163,9 @@ class NumericsParams(_Section):
     # CPU that supports it gives the same bits (fingerprint.FAMILIES)
     cpu_kernels: Literal["native", "avx2", "avx512"]
     threads: Annotated[int, Field(ge=1, le=1024)] | None  # null: torch's default, one per core
+    # a GPU's training with deterministic algorithms (slower; results then repeat on the same GPU and
+    # software). The CPU is always deterministic.
+    deterministic: bool
 
 
 class ReportParams(_Section):

@@ -13,7 +13,7 @@ from .attributes import Vocabulary, attribute_scores, confusions
 from .metrics import Meteor, caption_scores, per_item_cider_d
 from .ptb import coco_tokens
 from .fingerprint import mixed_precision
-from .modeling import caption_all, initial_model
+from .modeling import caption_all, initial_model, load_model
 from .runtime import run_stage, stage_args
 from . import fingerprint, tracking
 
@@ -71,7 +71,7 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None,
     the test images."""
     import datasets
     import torch
-    from transformers import BlipForConditionalGeneration, BlipProcessor
+    from transformers import BlipProcessor
 
     dataset = datasets.load_from_disk(str(data_dir))
     test = dataset["test"]
@@ -85,7 +85,7 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None,
     before_model = initial_model(params.model, processor, params.seed).to(device)
     before = caption_all(before_model, processor, images, params.generate, desc="caption (before)", precision=precision)
     del before_model
-    after_model = BlipForConditionalGeneration.from_pretrained(model_dir, use_safetensors=True).to(device)
+    after_model = load_model(model_dir, params.model.attention).to(device)
     after = caption_all(after_model, processor, images, params.generate, desc="caption (after)", precision=precision)
     table = score_table(references, before, after, [r not in seen for r in references], meteor, vocabulary)
     table["test_digest"] = testset_digest(list(test["key"]), references)

@@ -107,16 +107,40 @@ def native_bf16() -> bool:
     return any(detected) and isa is not None and levels.index(isa) >= levels.index("AVX512_CORE_BF16")
 
 
+def gpu_precision(capability: tuple[int, int]) -> str:
+    """The autocast precision of a CUDA GPU of this compute capability: bf16 from Ampere (8.0) on; fp16, with
+    Accelerate's gradient scaler, on older cards (T4, V100), where bf16 is only emulated."""
+    return "bf16" if capability >= (8, 0) else "fp16"
+
+
 def mixed_precision(requested: str) -> str:
-    """`train.mixed_precision` as Accelerate takes it: 'auto' is bf16 on a GPU that supports it and on a
-    CPU whose kernels compute bf16 natively (native_bf16), else full precision ('no'). Call it after pin()."""
+    """`train.mixed_precision` as Accelerate takes it: 'auto' is bf16 on a GPU that computes it (fp16 on an
+    older one, gpu_precision) and on a CPU whose kernels compute bf16 natively (native_bf16), else full
+    precision ('no'). Call it after pin()."""
     import torch
 
     if requested != "auto":
         return requested
     if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        return gpu_precision(torch.cuda.get_device_capability())
     return "bf16" if native_bf16() else "no"
+
+
+def set_determinism(on_gpu: bool) -> None:
+    """Deterministic algorithms on the CPU always (reproduce and the offline figures rely on its bits), and
+    on a GPU when `numerics.deterministic` asks (on_gpu). Never the NaN fill of fresh allocations that
+    deterministic mode adds (correct code never reads them; it costs a pass over every new tensor), and the
+    warning of an op without a deterministic kernel once, not at every call. Off on a GPU: cuDNN picks its
+    fastest kernels."""
+    import warnings
+
+    import torch
+
+    deterministic = on_gpu or not torch.cuda.is_available()
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cudnn.benchmark = not deterministic
+    warnings.filterwarnings("once", message=".*does not have a deterministic implementation.*")
 
 
 def pin(cpu_kernels: str, threads: int | None) -> dict[str, str]:
@@ -192,6 +216,7 @@ def fingerprint(root: Path, mixed_precision: str) -> dict[str, str]:
         "mkl_cbwr": os.environ.get("MKL_CBWR", "auto") if torch.backends.mkl.is_available() else "no mkl",
         "threads": str(torch.get_num_threads()),
         "mixed_precision": mixed_precision,
+        "deterministic": "on" if torch.are_deterministic_algorithms_enabled() else "off",
         "python": platform.python_version(),
         **{name: _version(name) for name in VERSIONED},
     }

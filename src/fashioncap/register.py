@@ -43,7 +43,8 @@ def serving_config(params: Params) -> dict:
     return {"generate": generate, "image_size": params.model.image_size, "max_images": params.registry.max_images,
             "max_pixels": params.registry.max_pixels, "max_request_bytes": params.registry.max_request_bytes,
             "request_timeout": params.registry.request_timeout, "mixed_precision": params.train.mixed_precision,
-            "numerics": params.numerics.model_dump(),
+            "numerics": {"cpu_kernels": params.numerics.cpu_kernels, "threads": params.numerics.threads},
+            "attention": params.model.attention,
             "batch_images": params.registry.batch_images, "batch_wait_ms": params.registry.batch_wait_ms}
 
 

@@ -126,10 +126,11 @@ class Captioner(PythonModel):
 
     def load_context(self, context) -> None:
         import torch
-        from transformers import BlipForConditionalGeneration, BlipProcessor
+        from transformers import BlipProcessor
 
         from fashioncap.config import GenerateParams
         from fashioncap.fingerprint import mixed_precision, pin
+        from fashioncap.modeling import load_model
 
         with open(context.artifacts["serving_config"]) as f:
             self.config = json.load(f)
@@ -142,7 +143,8 @@ class Captioner(PythonModel):
         self.generate = GenerateParams.model_validate(self.config["generate"])
         self.processor = BlipProcessor.from_pretrained(context.artifacts["blip"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = BlipForConditionalGeneration.from_pretrained(context.artifacts["blip"], use_safetensors=True)
+        # older models were evaluated with transformers' eager attention: they keep it
+        self.model = load_model(context.artifacts["blip"], self.config.get("attention", "eager"))
         self.model.to(device).eval()
         self.precision = mixed_precision(self.config.get("mixed_precision", "no"))  # older models: fp32
         self.max_images = self.config["max_images"]

@@ -261,8 +261,7 @@ def build(params: Params, data_dir: Path) -> Job:
         raise DataSourceError(f"train.batch_size ({cfg.batch_size}) must be a multiple of the number of processes "
                               f"({accelerator.num_processes}): it is the global batch, split across them")
     set_seed(params.seed)
-    # bit-identical re-runs on the CPU; on a GPU, ops without a deterministic kernel only warn
-    torch.use_deterministic_algorithms(True, warn_only=True)
+    fingerprint.set_determinism(params.numerics.deterministic)  # the CPU always; a GPU as numerics says
     collate = Collator(processor, params.model.max_caption_tokens, model.config.text_config.bos_token_id)
     sampler = checkpoint.EpochSampler(len(dataset["train"]), params.seed)
     loader = torch.utils.data.DataLoader(

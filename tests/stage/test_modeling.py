@@ -89,3 +89,23 @@ def test_a_pretrained_model_at_another_image_size_is_refused(tiny_model, tiny_pa
     with pytest.raises(ModelSourceError, match=r"model.image_size \(64\) differs .*\(32x32\): set -S model.image_size=32"):
         build_processor(cfg, [])
     assert build_processor(cfg.model_copy(update={"image_size": 32}), []).image_processor.size["height"] == 32
+
+
+@pytest.mark.parametrize("mode, size", [("RGB", (48, 48)), ("RGB", (70, 33)), ("L", (48, 48)), ("RGBA", (48, 48)),
+                                        ("P", (20, 60)), ("LA", (48, 48))])
+def test_pixel_values_equal_the_image_processors(mode, size):
+    import numpy as np
+    from PIL import Image
+    from transformers import BlipImageProcessor
+
+    from fashioncap.modeling import pixel_values
+
+    rng = np.random.default_rng(0)
+    channels = {"RGB": 3, "RGBA": 4, "LA": 2}.get(mode)
+    shape = (size[1], size[0], channels) if channels else (size[1], size[0])
+    images = [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).convert(mode) for _ in range(3)]
+    processor = BlipImageProcessor(size={"height": 48, "width": 48})
+    expected = processor(images, return_tensors="pt")["pixel_values"]
+    ours = pixel_values(images, processor)
+    assert ours.shape == expected.shape == (3, 3, 48, 48) and ours.dtype == expected.dtype
+    torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)

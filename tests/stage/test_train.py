@@ -28,18 +28,37 @@ def test_best_tracker_minimises_loss():
     assert t.best_step == 2 and t.exhausted
 
 
-@pytest.mark.parametrize(("gpu", "gpu_bf16", "cpu_bf16", "expected"), [
-    (False, False, False, "no"), (False, False, True, "bf16"),  # a CPU: bf16 where its kernels have it natively
-    (True, False, True, "no"), (True, True, False, "bf16"),  # a GPU decides, whatever the CPU has
+@pytest.mark.parametrize(("gpu", "capability", "cpu_bf16", "expected"), [
+    (False, None, False, "no"), (False, None, True, "bf16"),  # a CPU: bf16 where its kernels have it natively
+    (True, (7, 5), True, "fp16"), (True, (7, 0), False, "fp16"),  # T4, V100: fp16 with the gradient scaler
+    (True, (8, 0), False, "bf16"), (True, (9, 0), False, "bf16"),  # A100, H100: a GPU decides, whatever the CPU has
 ])
-def test_auto_precision_is_bf16_where_the_device_computes_it_natively(monkeypatch, gpu, gpu_bf16, cpu_bf16, expected):
+def test_auto_precision_is_what_the_device_computes_natively(monkeypatch, gpu, capability, cpu_bf16, expected):
     from fashioncap import fingerprint
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: gpu_bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, **k: capability)
     monkeypatch.setattr(fingerprint, "native_bf16", lambda: cpu_bf16)
     assert mixed_precision("auto") == expected
     assert mixed_precision("fp16") == "fp16" and mixed_precision("no") == "no"  # explicit values pass through
+
+
+@pytest.mark.parametrize(("gpu", "asked", "deterministic"), [(False, False, True), (False, True, True),
+                                                            (True, False, False), (True, True, True)])
+def test_the_cpu_is_always_deterministic_and_a_gpu_as_numerics_says(monkeypatch, gpu, asked, deterministic):
+    from fashioncap import fingerprint
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.utils.deterministic.fill_uninitialized_memory, torch.backends.cudnn.benchmark)
+    try:
+        fingerprint.set_determinism(asked)
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert torch.utils.deterministic.fill_uninitialized_memory is False  # no NaN fill of new tensors
+        assert torch.backends.cudnn.benchmark is not deterministic
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.utils.deterministic.fill_uninitialized_memory, torch.backends.cudnn.benchmark = before[2:]
 
 
 def test_no_weight_decay_on_biases_and_norms(tiny_params):
