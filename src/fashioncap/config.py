@@ -104,8 +104,10 @@ class ModelParams(_Section):
 
 
 class TrainParams(_Section):
-    batch_size: PositiveInt
-    grad_accum_steps: PositiveInt
+    batch_size: PositiveInt  # the effective (global) batch of one optimizer step: the recipe, whatever the device
+    # the batch computed at once: `auto` probes the largest that divides batch_size and fits the device; the
+    # gradients of batch_size / micro_batch micro-batches accumulate
+    micro_batch: PositiveInt | Literal["auto"]
     lr: Annotated[float, Field(gt=0.0, le=1.0)]
     weight_decay: Annotated[float, Field(ge=0.0, le=1.0)]
     warmup_steps: NonNegInt
@@ -123,6 +125,7 @@ class TrainParams(_Section):
     launcher: Annotated[str, Field(min_length=1)]
     gradient_checkpointing: bool
     freeze_vision: bool
+    compile: bool  # torch.compile of the training step's forward (captions padded to a multiple of 8 tokens)
     sample_images: NonNegInt
     allow_cpu: bool  # fine-tune a pretrained model without a GPU (slow: the stage prints the ETA)
 
@@ -132,6 +135,8 @@ class TrainParams(_Section):
             raise ValueError(f"train.eval_every ({self.eval_every}) exceeds train.max_steps ({self.max_steps})")
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"train.warmup_steps ({self.warmup_steps}) must be below train.max_steps ({self.max_steps})")
+        if self.micro_batch != "auto" and self.batch_size % self.micro_batch:
+            raise ValueError(f"train.micro_batch ({self.micro_batch}) must divide train.batch_size ({self.batch_size})")
         return self
 
 
@@ -214,10 +219,10 @@ class Params(_Section):
             items = min(items or self.data.max_items, self.data.max_items)
         if items is not None:
             train_items = int(items * (1 - self.data.val_fraction - self.data.test_fraction))
-            effective = self.train.batch_size * self.train.grad_accum_steps
+            effective = self.train.batch_size
             if effective > train_items:
                 raise ValueError(
-                    f"train.batch_size x train.grad_accum_steps ({effective}) exceeds the about {train_items} "
+                    f"train.batch_size ({effective}) exceeds the about {train_items} "
                     f"training items that data.{'max_items' if self.data.max_items else 'synthetic.items'} leaves")
         return self
 

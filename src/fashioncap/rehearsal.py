@@ -33,11 +33,11 @@ SIZES = {  # stand-in shapes: BLIP-base (or shrunk) and a slice of the catalogue
 }
 # Only step counts change: model, data, resolution, label smoothing, beams and lengths stay the default's.
 STEP_OVERRIDES = {
-    "full": ["train.allow_cpu=true", "train.batch_size=2", "train.grad_accum_steps=1", "train.max_steps=2",
+    "full": ["train.allow_cpu=true", "train.batch_size=2", "train.max_steps=2",
              "train.warmup_steps=1", "train.eval_every=2", "train.checkpoint_every=1", "train.eval_samples=2",
              "train.log_every=1", "train.sample_images=2", "train.num_workers=0", "generate.batch_size=4",
              "evaluate.max_items=4", "report.gallery_items=4"],
-    "shrunk": ["train.allow_cpu=true", "train.batch_size=4", "train.grad_accum_steps=1", "train.max_steps=4",
+    "shrunk": ["train.allow_cpu=true", "train.batch_size=4", "train.max_steps=4",
                "train.warmup_steps=1", "train.eval_every=2", "train.checkpoint_every=2", "train.eval_samples=4",
                "train.log_every=2", "train.sample_images=2", "train.num_workers=0", "generate.batch_size=8",
                "evaluate.max_items=6", "evaluate.table_images=4", "report.gallery_items=4"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -15,7 +16,8 @@ from .config import Params, TrainParams, load_params
 from .data import TOKEN_LENGTHS, DataSourceError
 from .metrics import caption_scores
 from .fingerprint import mixed_precision
-from .modeling import Collator, apply_memory_options, build_processor, caption_all, initial_model, save_model
+from .modeling import (IGNORE_INDEX, Collator, apply_memory_options, build_processor, caption_all, initial_model,
+                       save_model)
 from .runtime import FashioncapError, progress, run_stage, stage_args
 from . import checkpoint, disk, fingerprint, lineage, plots, tracking
 
@@ -34,8 +36,8 @@ def check_device(params: Params, has_gpu: bool) -> None:
         return
     cfg = params.train
     raise TrainSetupError(
-        f"no GPU found: fine-tuning '{params.model.init}' for {cfg.max_steps} steps of {cfg.batch_size} x "
-        f"{cfg.grad_accum_steps} samples would take days on this CPU (about 6 s per sample for BLIP-base). "
+        f"no GPU found: fine-tuning '{params.model.init}' for {cfg.max_steps} steps of {cfg.batch_size} "
+        f"samples would take days on this CPU (about 6 s per sample for BLIP-base). "
         "Run the offline profile instead (dvc exp run -S profile=offline), run on a machine with a GPU, or go "
         "ahead anyway with -S train.allow_cpu=true: the stage then measures its first steps and prints the ETA")
 
@@ -204,9 +206,11 @@ class Job:
     sampler: checkpoint.EpochSampler
     collate: Collator
     val_rows: list[dict]
+    forward: object  # what computes the training loss: the model, or its torch.compile'd twin (same weights)
     batches_per_epoch: int
     parameters: int
     trainable: int
+    micro_batch: int  # global: samples computed at once over all processes
 
 
 @dataclass
@@ -216,7 +220,7 @@ class RunState:
     tracker: BestTracker
     fingerprint: str
     step: int = 0  # optimizer steps done
-    consumed: int = 0  # micro-batches drawn
+    consumed: int = 0  # batches drawn (one per optimizer step)
     train_log: list[dict] = field(default_factory=list)
     run: object = None
 
@@ -249,8 +253,8 @@ def build(params: Params, data_dir: Path) -> Job:
     # split_batches: train.batch_size is the global batch, whatever the number of processes, so a recipe
     # means the same thing on one CPU and on eight GPUs. cpu=True lets `accelerate launch` run DDP over gloo
     # on a machine without a GPU.
+    # the loop accumulates micro-batches itself (train_step), so that a step's loss is the mean over all its tokens
     accelerator = Accelerator(mixed_precision=mixed_precision(cfg.mixed_precision), cpu=not torch.cuda.is_available(),
-                              gradient_accumulation_steps=cfg.grad_accum_steps,
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)  # one process tells the story
@@ -269,21 +273,23 @@ def build(params: Params, data_dir: Path) -> Job:
         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(params.seed))
     batches_per_epoch = len(dataset["train"]) // cfg.batch_size
-    if batches_per_epoch < cfg.grad_accum_steps:
+    if batches_per_epoch < 1:
         raise DataSourceError(f"the training split holds {len(dataset['train'])} items, fewer than one optimizer "
-                              f"step needs (train.batch_size {cfg.batch_size} x train.grad_accum_steps "
-                              f"{cfg.grad_accum_steps})")
+                              f"step needs (train.batch_size {cfg.batch_size})")
     val_rows = list(dataset["validation"].select(range(min(cfg.eval_samples, len(dataset["validation"])))))
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg)
     # the scheduler stays unwrapped: it counts optimizer steps, whatever the number of processes
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    log.info("training %.2fM parameters on %s x %d (%s), %d train items, batch %d x %d accumulation",
+    micro = micro_batch(cfg, model, params.model, accelerator)
+    # compiled for training only: validation's generate() would meet a new shape at every decoding step
+    forward = torch.compile(model, dynamic=False) if cfg.compile else model
+    log.info("training %.2fM parameters on %s x %d (%s), %d train items, batch %d = micro-batch %d x %d accumulation",
              sum(p.numel() for p in model.parameters()) / 1e6, accelerator.device, accelerator.num_processes,
-             accelerator.mixed_precision, len(dataset["train"]), cfg.batch_size, cfg.grad_accum_steps)
+             accelerator.mixed_precision, len(dataset["train"]), cfg.batch_size, micro, cfg.batch_size // micro)
     return Job(params, accelerator, model, processor, optimizer, scheduler, loader, sampler, collate, val_rows,
-               batches_per_epoch, sum(p.numel() for p in model.parameters()),
-               sum(p.numel() for p in model.parameters() if p.requires_grad))
+               forward, batches_per_epoch, sum(p.numel() for p in model.parameters()),
+               sum(p.numel() for p in model.parameters() if p.requires_grad), micro)
 
 
 def preflight(job: Job, out: Outputs, lengths: dict) -> None:
@@ -355,31 +361,19 @@ def loop(job: Job, state: RunState, batches, out: Outputs) -> tuple[str, "Pace"]
     cfg, accelerator, model, optimizer = job.params.train, job.accelerator, job.model, job.optimizer
     pace = Pace(state.step, job.params, job.accelerator, model)
     pending: list[tuple[int, torch.Tensor, float]] = []  # steps not logged yet: one device sync per log interval
-    window: list[torch.Tensor] = []  # the micro-batch losses of the optimizer step under way
     bar = progress(total=cfg.max_steps, initial=state.step, desc="train", unit="step",
                    quiet=not accelerator.is_local_main_process)
     stop_reason = f"reached train.max_steps ({cfg.max_steps})"
     model.train()
     while state.step < cfg.max_steps:
-        with accelerator.accumulate(model):
-            batch = next(batches)
-            loss = model(**batch).loss
-            state.consumed += 1
-            window.append(loss.detach())
-            pace.count(batch)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-            optimizer.step()  # a no-op on accumulation steps
-            optimizer.zero_grad(set_to_none=True)
-        if not accelerator.sync_gradients:
-            continue
+        batch = next(batches)
+        state.consumed += 1
+        pace.count(batch)
+        loss = train_step(job, batch)
         state.step += 1
         bar.update()
         pace.stepped(state.step, state.run)
-        # the step's loss is the mean over its accumulation window; the lr is the one this step used
-        pending.append((state.step, torch.stack(window).float().mean(), job.scheduler.get_last_lr()[0]))
-        window.clear()
+        pending.append((state.step, loss, job.scheduler.get_last_lr()[0]))  # the lr this step used
         job.scheduler.step()
         step = state.step
         if step % cfg.log_every == 0 or step == cfg.max_steps or step % cfg.checkpoint_every == 0:
@@ -393,6 +387,97 @@ def loop(job: Job, state: RunState, batches, out: Outputs) -> tuple[str, "Pace"]
             save_checkpoint(job, state, out)
     bar.close()
     return stop_reason, pace
+
+
+def token_loss_sum(model, batch: dict, label_smoothing: float) -> torch.Tensor:
+    """A micro-batch's cross-entropy summed over its caption tokens: BLIP's own loss (labels shifted by one,
+    pads ignored, its label smoothing), summed instead of averaged so that a step can divide by all its tokens."""
+    logits = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                   attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                             ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing,
+                                             reduction="sum")
+
+
+def train_step(job: Job, batch: dict) -> torch.Tensor:
+    """One optimizer step on this process's share of a batch, computed micro-batch by micro-batch. The loss
+    is the mean over every caption token of the whole batch (all processes), so 8 x 4 and 32 x 1 are the
+    same function of the data; DDP synchronises the gradients on the last micro-batch only. Returns this
+    process's part of the loss (their mean over processes is the step's loss), on the device: no sync."""
+    accelerator, model, cfg = job.accelerator, job.model, job.params.train
+    tokens = accelerator.reduce((batch["labels"][:, 1:] != IGNORE_INDEX).sum(), "sum")
+    scale = accelerator.num_processes / tokens  # DDP averages gradients over processes: undo it
+    size = job.micro_batch // accelerator.num_processes
+    starts = range(0, len(batch["labels"]), size)
+    total = torch.zeros((), device=accelerator.device)
+    for i, start in enumerate(starts):
+        part = {k: v[start : start + size] for k, v in batch.items()}
+        with contextlib.nullcontext() if i == len(starts) - 1 else accelerator.no_sync(model):
+            loss = token_loss_sum(job.forward, part, job.params.model.label_smoothing) * scale
+            accelerator.backward(loss)
+        total += loss.detach()
+    accelerator.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
+    job.optimizer.step()
+    job.optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+def micro_batch(cfg: TrainParams, model, model_cfg, accelerator) -> int:
+    """train.micro_batch, or under `auto` the largest divisor of the batch whose micro-batch fits the device:
+    a probe of 1 and 2 samples at the longest caption (model.max_caption_tokens) measures the memory of one
+    sample, and the micro-batch keeps within MEMORY_MARGIN of what the device has. Global (all processes)."""
+    processes = accelerator.num_processes
+    share = cfg.batch_size // processes
+    if cfg.micro_batch != "auto":
+        if cfg.micro_batch % processes:
+            raise DataSourceError(f"train.micro_batch ({cfg.micro_batch}) must be a multiple of the number of "
+                                  f"processes ({processes})")
+        return cfg.micro_batch
+    from accelerate.utils import gather_object
+
+    per_sample, base, budget = probe_memory(model, model_cfg, accelerator)
+    fits = [d for d in range(share, 0, -1) if share % d == 0 and base + d * per_sample <= budget]
+    chosen = min(gather_object([fits[0] if fits else 1]))  # every process the same: they accumulate in step
+    log.info("train.micro_batch auto: %d per process (%.2f GiB per sample at %d caption tokens, %.1f GiB for the "
+             "model, %.1f GiB allowed on %s)", chosen, per_sample / 2**30, model_cfg.max_caption_tokens, base / 2**30,
+             budget / 2**30, accelerator.device)
+    return chosen * processes
+
+
+MEMORY_MARGIN = 0.7  # of the device's free memory: allocator fragmentation, validation and checkpoints need room
+
+
+def probe_memory(model, model_cfg, accelerator) -> tuple[float, float, float]:
+    """Bytes one sample's forward and backward hold, what is held without it, and the budget. Runs on random
+    inputs with the RNG state forked, so training draws exactly what it would have drawn without the probe."""
+    import psutil
+
+    device, inner = accelerator.device, accelerator.unwrap_model(model)
+    side, tokens = inner.config.vision_config.image_size, model_cfg.max_caption_tokens
+    cuda = device.type == "cuda"
+
+    def held(n: int) -> float:
+        batch = {"pixel_values": torch.zeros(n, 3, side, side, device=device),
+                 "input_ids": torch.ones(n, tokens, dtype=torch.long, device=device),
+                 "attention_mask": torch.ones(n, tokens, dtype=torch.long, device=device)}
+        batch["labels"] = batch["input_ids"]
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() if cuda else psutil.Process().memory_info().rss
+        loss = token_loss_sum(model, batch, 0.0)
+        after = torch.cuda.max_memory_allocated() if cuda else psutil.Process().memory_info().rss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return after - before, before
+
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        one, base = held(1)
+        two, _ = held(2)
+    per_sample = max(two - one, one / 2, 1.0)
+    free = (torch.cuda.mem_get_info()[0] + torch.cuda.memory_allocated()) if cuda else (
+        psutil.virtual_memory().available + psutil.Process().memory_info().rss)
+    return per_sample, base, MEMORY_MARGIN * free
 
 
 def log_losses(job: Job, state: RunState, pending: list, pace: "Pace") -> None:
@@ -452,7 +537,8 @@ def finish(job: Job, state: RunState, out: Outputs, stop_reason: str, pace: "Pac
         "steps": state.step, "best_step": state.tracker.best_step, "best_metric": cfg.metric,
         "best_value": state.tracker.best, "stop_reason": stop_reason, "train_seconds": round(seconds, 1),
         # the steps of this process only: after a resume, the earlier ones ran before it started
-        "samples_per_second": round((state.step - pace.first_step) * cfg.batch_size * cfg.grad_accum_steps / seconds, 2),
+        "samples_per_second": round((state.step - pace.first_step) * cfg.batch_size / seconds, 2),
+        "micro_batch": job.micro_batch,
         "parameters": job.parameters, "processes": accelerator.num_processes,
         **({"caption_truncated_fraction": round(lengths["truncated_fraction"], 5)} if lengths else {}),
         **({"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
@@ -512,7 +598,7 @@ class Pace:
         now = time.perf_counter()
         seconds, steps = max(now - self.mark, 1e-9), step - self.mark_step
         tokens = int(self.tokens.item()) * self.processes if self.tokens is not None else 0
-        samples = steps * cfg.batch_size * cfg.grad_accum_steps
+        samples = steps * cfg.batch_size
         speed = {"samples_per_second": samples / seconds, "tokens_per_second": tokens / seconds}
         if self.peak:
             flops = self.vision_flops * samples + self.text_flops * tokens

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fashioncap.modeling import (IGNORE_INDEX, Collator, build_processor, build_tokenizer, caption_batch,
+from fashioncap.modeling import (IGNORE_INDEX, PAD_MULTIPLE, Collator, build_processor, build_tokenizer, caption_batch,
                                  caption_labels, initial_model)
 from fashioncap.captions import display_caption
 from fashioncap.synthetic import catalogue
@@ -35,7 +35,7 @@ def test_prompt_tokens_are_ignored_by_the_loss():
     assert labels[0].tolist() == [1, IGNORE_INDEX, IGNORE_INDEX, 7, 8, 102]
 
 
-def test_collator_pads_to_the_longest_caption_not_a_fixed_length(tiny_params):
+def test_collator_pads_to_the_longest_caption_rounded_up_not_a_fixed_length(tiny_params):
     products = list(catalogue(1, 6, 32))
     processor = build_processor(tiny_params.model, [p.caption for p in products])
     collate = Collator(processor, max_tokens=tiny_params.model.max_caption_tokens,
@@ -43,7 +43,8 @@ def test_collator_pads_to_the_longest_caption_not_a_fixed_length(tiny_params):
     rows = [{"image": p.image, "caption": p.caption} for p in products]
     batch = collate(rows)
     longest = max(len(processor.tokenizer(p.caption)["input_ids"]) for p in products)
-    assert batch["input_ids"].shape == (6, longest)
+    assert batch["input_ids"].shape == (6, -(-longest // PAD_MULTIPLE) * PAD_MULTIPLE)  # few shapes, never 512
+    assert batch["attention_mask"].sum(1).max() == longest
     assert batch["pixel_values"].shape == (6, 3, tiny_params.model.image_size, tiny_params.model.image_size)
     assert (batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX).all()
     assert (batch["input_ids"][:, 0] == processor.tokenizer.bos_token_id).all()

@@ -75,7 +75,7 @@ def test_a_training_split_smaller_than_one_step_is_a_clear_error(tiny_raw, tiny_
 
     _, data_dir = tiny_model
     raw = {**tiny_raw, "data": {**tiny_raw["data"], "source": "imagefolder", "path": str(tmp_path)},
-           "train": {**tiny_raw["train"], "batch_size": 64, "grad_accum_steps": 4}}
+           "train": {**tiny_raw["train"], "batch_size": 256, "micro_batch": 64}}
     proc = subprocess.run(train_command(tmp_path, write_params(raw), data_dir),
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2 and "fewer than one optimizer step needs" in proc.stderr, proc.stderr[-2000:]
@@ -153,36 +153,94 @@ def test_eta_message_extrapolates_the_measured_pace():
     assert "about 1 min 40 s" in eta_message(1.0, 0, 100, 50)
 
 
-def test_logged_train_loss_is_the_mean_over_the_accumulation_window(tiny_params, tiny_model, tmp_path, monkeypatch):
+class GradientRecorder:
+    """An optimizer that keeps the gradients of its one step, by parameter name, and changes nothing."""
+
+    def __init__(self, model):
+        self.model, self.grads = model, {}
+
+    def step(self):
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def one_step(params, data_dir, micro):
+    """The first batch and one train_step of it (no clipping): returns the step's loss, the batch, the
+    gradients and the job."""
+    from fashioncap import train
+
+    cfg = params.train.model_copy(update={"micro_batch": micro, "clip_grad_norm": 1e9})
+    job = train.build(params.model_copy(update={"train": cfg}), data_dir)
+    job.optimizer = GradientRecorder(job.model)
+    batch = next(train.batches_from(job, 0))
+    loss = train.train_step(job, batch)
+    return loss, batch, job.optimizer.grads, job
+
+
+def test_a_step_is_the_same_function_of_the_data_however_the_batch_is_split(tiny_params, tiny_model):
+    _, data_dir = tiny_model
+    params = tiny_params.model_copy(update={
+        "train": tiny_params.train.model_copy(update={"batch_size": 32, "mixed_precision": "no"}),  # fp32
+        "model": tiny_params.model.model_copy(update={"label_smoothing": 0.1})})
+    whole, batch, whole_grads, job = one_step(params, data_dir, 32)
+    split, batch_again, split_grads, _ = one_step(params, data_dir, 8)  # 8 x 4 accumulation
+    assert job.micro_batch == 32 and torch.equal(batch["input_ids"], batch_again["input_ids"])
+    assert batch["attention_mask"].sum(1).max() > batch["attention_mask"].sum(1).min()  # uneven captions
+    torch.testing.assert_close(split, whole, rtol=1e-6, atol=1e-6)
+    assert split_grads.keys() == whole_grads.keys() and len(whole_grads) > 20
+    for name in whole_grads:  # the same gradients to fp32 rounding
+        torch.testing.assert_close(split_grads[name], whole_grads[name], rtol=1e-4, atol=1e-6)
+    # the mean over the batch's caption tokens is BLIP's own loss of the whole batch
+    with torch.no_grad():
+        assert whole.item() == pytest.approx(job.model(**batch).loss.item(), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_auto_micro_batch_fits_and_trains_exactly_as_the_same_number_set_by_hand(tiny_params, tiny_model, tmp_path,
+                                                                               monkeypatch, caplog):
     import csv
 
-    from fashioncap import modeling, train
+    from fashioncap import train
 
     _, data_dir = tiny_model
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    seen: list[float] = []
+    logs = {}
+    for micro in ("auto", tiny_params.train.batch_size):
+        cfg = tiny_params.train.model_copy(update={"micro_batch": micro, "max_steps": 4, "eval_every": 4,
+                                                   "checkpoint_every": 4, "warmup_steps": 1, "log_every": 1})
+        out = train_outputs(tmp_path / str(micro))
+        with caplog.at_level("INFO", logger="fashioncap.train"):
+            summary = train.train(tiny_params.model_copy(update={"train": cfg}), data_dir, out)
+        assert summary["micro_batch"] == tiny_params.train.batch_size  # the tiny model fits whole
+        logs[micro] = list(csv.DictReader(out.train_log.open()))
+    assert "train.micro_batch auto: 8 per process" in caplog.text
+    assert logs["auto"] == logs[tiny_params.train.batch_size]  # the probe drew nothing from training's RNGs
 
-    def recording(cfg, processor, seed):
-        model = modeling.initial_model(cfg, processor, seed)
-        forward = model.forward
 
-        def record(*args, **kwargs):
-            out = forward(*args, **kwargs)
-            if torch.is_grad_enabled():  # training micro-batches, not validation
-                seen.append(out.loss.item())
-            return out
+@pytest.mark.slow
+def test_compiled_training_computes_the_same_loss_and_never_recompiles_after_warm_up(tiny_params, tiny_model):
+    from torch._dynamo.utils import counters
 
-        model.forward = record
-        return model
+    from fashioncap import train
 
-    monkeypatch.setattr(train, "initial_model", recording)
-    cfg = tiny_params.train.model_copy(update={"grad_accum_steps": 2, "max_steps": 3, "eval_every": 3,
-                                               "checkpoint_every": 3, "warmup_steps": 1, "log_every": 1})
-    params = tiny_params.model_copy(update={"train": cfg})
-    out = train_outputs(tmp_path)
-    train.train(params, data_dir, out)
-    logged = [float(r["loss"]) for r in csv.DictReader((tmp_path / "train_log.csv").open())]
-    assert len(seen) == 6 and len(logged) == 3
-    for step, loss in enumerate(logged):
-        assert loss == pytest.approx((seen[2 * step] + seen[2 * step + 1]) / 2, rel=1e-5)
+    _, data_dir = tiny_model
+    fp32 = tiny_params.train.model_copy(update={"mixed_precision": "no", "batch_size": 2})  # batches of 2 vary more
+    params = tiny_params.model_copy(update={  # captions of their own lengths, none cut
+        "model": tiny_params.model.model_copy(update={"max_caption_tokens": 64}),
+        "generate": tiny_params.generate.model_copy(update={"max_new_tokens": 64})})
+    eager = train.build(params.model_copy(update={"train": fp32}), data_dir)
+    job = train.build(params.model_copy(update={"train": fp32.model_copy(update={"compile": True})}), data_dir)
+    batches = [next(train.batches_from(job, i)) for i in range(8)]
+    lengths = {b["input_ids"].shape[1] for b in batches}
+    assert len(lengths) >= 2 and all(n % 8 == 0 for n in lengths)  # captions vary; padding makes few shapes
+    assert train.train_step(job, batches[0]).item() == pytest.approx(train.train_step(eager, batches[0]).item(),
+                                                                     rel=1e-5)
+    for batch in batches:  # warm-up: every padded length once
+        train.train_step(job, batch)
+    compiled = counters["stats"]["unique_graphs"]
+    for batch in batches:
+        train.train_step(job, batch)
+    assert counters["stats"]["unique_graphs"] == compiled > 0

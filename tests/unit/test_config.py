@@ -34,8 +34,9 @@ def test_both_profiles_validate():
     ("generate.min_length", 500, "generate.min_length (500) exceeds generate.max_new_tokens"),
     ("model.scratch.text_heads", 3, "text_hidden (128) must be a multiple of text_heads (3)"),
     ("train.metric", "accuracy", "train.metric: Input should be 'val_cider_d' or 'val_loss'"),
-    ("train.grad_accum_steps", 200, "train.batch_size x train.grad_accum_steps (6400) exceeds the about 3400 "
-                                    "training items that data.synthetic.items leaves"),
+    ("train.batch_size", 6400, "train.batch_size (6400) exceeds the about 3400 "
+                               "training items that data.synthetic.items leaves"),
+    ("train.micro_batch", 7, "train.micro_batch (7) must divide train.batch_size (32)"),
 ])
 def test_bad_values_are_reported_with_their_key_path(key, value, message):
     raw = copy.deepcopy(compose(["profile=offline"]))
