@@ -17,6 +17,7 @@ BENCHMARKS = {  # name: module; cheapest first
     "metrics": "scoring",
     "generation": "generation",
     "prepare": "prepare",
+    "loader": "loader",
     "train": "train_step",
     "memory": "memory",
     "serving": "serving",

@@ -1,15 +1,24 @@
 #!/usr/bin/env bash
 # GPU figures in one go (about 8 minutes on one H100/H200), printed and written to reports/:
 #  1. the real job at full size: `fashioncap rehearse --size full` (BLIP-base and H&M-shaped stand-ins in
-#     a Hugging Face cache of its own, HF_HUB_OFFLINE=1) with the default recipe (batch 8 x 4, bf16) for
-#     200 steps, per-stage time, memory and disk;
-#  2. BLIP-base training throughput in bf16 vs fp32 vs the original recipe, MFU and peak GPU memory;
+#     a Hugging Face cache of its own, HF_HUB_OFFLINE=1) with the default recipe (batch 32, micro-batch
+#     auto, bf16, SDPA) for 120 steps, per-stage time, memory and disk, register included;
+#  2. BLIP-base training throughput, MFU and peak GPU memory: the default recipe, then each lever in turn
+#     (micro-batch, determinism, SDPA, compile, fp16) and the original recipe;
 #  3. the offline pipeline end to end on the GPU (only where DVC and git are installed).
 # Needs the project installed from requirements-cuda.lock (README) on a machine with an NVIDIA GPU:
 #   bash benchmarks/gpu.sh 2>&1 | tee gpu-benchmark.log
+# On a machine without one it checks what it can (the project imports, DVC and git) and stops before its
+# first GPU step, exit 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=1
+python -c "import fashioncap.train, benchmarks.gpu" || { echo "gpu.sh: the project does not import: install it first (README)" >&2; exit 2; }
+echo "# dvc: $(command -v dvc || echo 'not installed: the pipeline steps are skipped'); git: $(command -v git || echo 'not installed')"
+if ! python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  echo "gpu.sh: no CUDA device here (torch $(python -c 'import torch; print(torch.__version__)')): stopping before the first GPU step. Run it on a machine with an NVIDIA GPU and the CUDA lock installed." >&2
+  exit 2
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 

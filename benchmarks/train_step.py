@@ -20,12 +20,13 @@ from .common import Result, jpeg, median_seconds, offline_params, products
 RAW_SIDE = 1024  # catalogue photos as shops have them
 
 
-def build_model(size: str, processor, seed: int = 0):
+def build_model(size: str, processor, seed: int = 0, attention: str = "eager"):
     """The same architecture for both recipes: the offline BLIP, or BLIP-base from its default config
-    (random weights: speed does not depend on them). 512 text positions so the original padding fits."""
+    (random weights: speed does not depend on them). 512 text positions so the original padding fits.
+    `attention` as model.attention takes it (sdpa: this project's; eager: transformers' own)."""
     from transformers import BlipConfig, BlipForConditionalGeneration, set_seed
 
-    from fashioncap.modeling import scratch_config
+    from fashioncap.modeling import scratch_config, with_attention
 
     params = offline_params()
     set_seed(seed)
@@ -34,7 +35,7 @@ def build_model(size: str, processor, seed: int = 0):
     else:
         config = scratch_config(params.model, processor.tokenizer)
         config.text_config.max_position_embeddings = 512
-    return BlipForConditionalGeneration(config)
+    return with_attention(BlipForConditionalGeneration(config), attention)
 
 
 def make_processor(size: str, captions: list[str]):
@@ -58,11 +59,37 @@ def catalogue_batches(n: int, side: int):
     return items
 
 
-def ours_step(model, processor, optimizer, accelerator, collate, rows, clip: float):
-    batch = collate([{"image": Image.open(io.BytesIO(r["stored"])), "caption": r["caption"]} for r in rows])
+class ProcessorCollator:
+    """The collator as it was before the vectorised pixel path: BLIP's image processor (PIL and numpy)."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, rows):
+        batch = self.collate(rows)
+        batch["pixel_values"] = self.collate.processor.image_processor(
+            [r["image"] for r in rows], return_tensors="pt")["pixel_values"]
+        return batch
+
+
+def stored_rows(rows):
+    """The rows as the DataLoader hands them to the collator: the stored JPEG decoded by PIL."""
+    return [{"image": Image.open(io.BytesIO(r["stored"])), "caption": r["caption"]} for r in rows]
+
+
+def ours_step(model, processor, optimizer, accelerator, collate, rows, clip: float, batch=None, micro=None):
+    """One training step as train runs it (decode + collate + forward/backward in micro-batches of `micro` +
+    clip + AdamW); with `batch`, the model part alone on an already collated batch."""
+    from fashioncap.train import token_loss_sum
+
+    if batch is None:
+        batch = collate(stored_rows(rows))
     batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
-    loss = model(**batch).loss
-    accelerator.backward(loss)
+    tokens = (batch["labels"][:, 1:] != -100).sum()
+    size = micro or len(batch["labels"])
+    for start in range(0, len(batch["labels"]), size):
+        loss = token_loss_sum(model, {k: v[start : start + size] for k, v in batch.items()}, 0.0) / tokens
+        accelerator.backward(loss)
     accelerator.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -87,12 +114,18 @@ def _sync(device) -> None:
 
 
 def measure(size: str, batch: int, repeats: int, precision: str = "auto", baseline: bool = True,
-            flops: bool = False, freeze_vision: bool = False) -> dict:
-    """Samples/s of both recipes (and peak GPU memory, FLOPs per step where asked)."""
+            flops: bool = False, freeze_vision: bool = False, attention: str = "sdpa", compile: bool = False,
+            pixels: str = "ours", micro: int | None = None, deterministic: bool = False) -> dict:
+    """Seconds per step of both recipes (and peak GPU memory, FLOPs per step where asked). Ours is timed
+    whole (`ours_s`: decode, collate, step) and as its model part alone (`model_s`); `collate_s` is the
+    input pipeline alone. `pixels="processor"` collates through BLIP's image processor, as before."""
     from accelerate import Accelerator
 
+    from fashioncap.fingerprint import set_determinism
     from fashioncap.modeling import Collator, apply_memory_options
     from fashioncap.train import make_optimizer, mixed_precision
+
+    set_determinism(deterministic)  # as train sets it: the CPU always, a GPU when asked
 
     params = offline_params()
     side = 384 if size == "base" else params.model.image_size
@@ -105,20 +138,27 @@ def measure(size: str, batch: int, repeats: int, precision: str = "auto", baseli
     device = accelerator.device
     out: dict = {"size": size, "batch": batch, "precision": accelerator.mixed_precision, "device": device.type}
 
-    model = apply_memory_options(build_model(size, processor), freeze_vision, False)
+    model = apply_memory_options(build_model(size, processor, attention=attention), freeze_vision, False)
     out["parameters"] = sum(p.numel() for p in model.parameters())
     collate = Collator(processor, params.model.max_caption_tokens, model.config.text_config.bos_token_id)
+    if pixels == "processor":
+        collate = ProcessorCollator(collate)
     optimizer = make_optimizer(model, params.train)
     model, optimizer = accelerator.prepare(model, optimizer)
+    step_model = torch.compile(model, dynamic=False) if compile else model
     model.train()
+    collated = collate(stored_rows(items))
 
-    def ours():
-        ours_step(model, processor, optimizer, accelerator, collate, items, params.train.clip_grad_norm)
+    def ours(batch=None):
+        ours_step(step_model, processor, optimizer, accelerator, collate, items, params.train.clip_grad_norm, batch,
+                  micro)
         _sync(device)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     out["ours_s"] = median_seconds(ours, repeats)
+    out["model_s"] = median_seconds(lambda: ours(collated), repeats, warmup=0)
+    out["collate_s"] = median_seconds(lambda: collate(stored_rows(items)), max(repeats, 5))
     if device.type == "cuda":
         out["ours_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if flops:
@@ -157,6 +197,12 @@ def run(level: str) -> list[Result]:
         label = f"{'BLIP-base (224M)' if size == 'base' else 'offline BLIP (0.9M)'}, batch {batch}, {m['device']} {precision}"
         results.append(Result("train throughput", label, "samples/s", batch / m["ours_s"], batch / m["original_s"],
                               "original recipe", target=2.0 if size == "base" else None))
+        # the same step before SDPA and the vectorised pixels: transformers' eager attention, the image processor
+        before = measure(size, batch, repeats, baseline=False, attention="eager", pixels="processor")
+        results.append(Result("train throughput", f"{label}, SDPA + vectorised pixels", "samples/s",
+                              batch / m["ours_s"], batch / before["ours_s"], "eager attention, image processor",
+                              target=1.5 if size == "base" else None,
+                              note=f"model step alone {batch / m['model_s']:.3g} vs {batch / before['model_s']:.3g}"))
         if size == "base" and level == "full":  # another recipe: the text decoder only
             frozen = measure(size, batch, repeats, baseline=False, freeze_vision=True)
             results.append(Result("train throughput", f"{label}, train.freeze_vision", "samples/s",

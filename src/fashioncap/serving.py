@@ -154,8 +154,10 @@ class Captioner(PythonModel):
             self._start_serving(float(os.environ[TIMEOUT_ENV]))
 
     def _start_serving(self, timeout_s: float) -> None:
-        """Times one caption at full length (the worst case: min_length = max_new_tokens) on this device,
-        which also warms it up; fits the per-request image limit and the batch to the timeout. With batching,
+        """Times one caption at full length (the worst case: min_length = max_new_tokens) on this device, after
+        an untimed one that warms it up (a cold call also pays for creating every kernel's primitives: on an
+        AMX CPU it took twice as long, which cut the image limit in half); fits the per-request image limit and
+        the batch to the timeout. With batching,
         every generate() runs on the batcher's thread, the warm-up too: one thread pool of torch's on the
         cores, not one per request thread competing for them."""
         from PIL import Image
@@ -167,8 +169,10 @@ class Captioner(PythonModel):
             self.batcher = Batcher(self._caption, 1, wait_ms / 1000)
             caption = self.batcher.submit
         worst = self.generate.model_copy(update={"min_length": self.generate.max_new_tokens})
+        blank = [Image.new("RGB", (self.config["image_size"],) * 2, "white")]
+        caption(blank, worst)  # warm-up
         started = time.perf_counter()
-        caption([Image.new("RGB", (self.config["image_size"],) * 2, "white")], worst)
+        caption(blank, worst)
         seconds = time.perf_counter() - started
         self.max_images = fitting_images(timeout_s, seconds, self.config["max_images"])
         batch = batch_images_within(timeout_s, seconds, configured)

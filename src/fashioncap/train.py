@@ -17,7 +17,7 @@ from .data import TOKEN_LENGTHS, DataSourceError
 from .metrics import caption_scores
 from .fingerprint import mixed_precision
 from .modeling import (IGNORE_INDEX, Collator, apply_memory_options, build_processor, caption_all, initial_model,
-                       save_model)
+                       normalise_pixels, save_model)
 from .runtime import FashioncapError, progress, run_stage, stage_args
 from . import checkpoint, disk, fingerprint, lineage, plots, tracking
 
@@ -268,8 +268,11 @@ def build(params: Params, data_dir: Path) -> Job:
     fingerprint.set_determinism(params.numerics.deterministic)  # the CPU always; a GPU as numerics says
     collate = Collator(processor, params.model.max_caption_tokens, model.config.text_config.bos_token_id)
     sampler = checkpoint.EpochSampler(len(dataset["train"]), params.seed)
+    # the workers hand over uint8 pixels (a quarter of the bytes); train_step normalises them on the device
     loader = torch.utils.data.DataLoader(
-        dataset["train"], batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, drop_last=True,
+        dataset["train"], batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+        collate_fn=Collator(processor, params.model.max_caption_tokens, model.config.text_config.bos_token_id,
+                            normalise=False),
         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
         pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(params.seed))
     batches_per_epoch = len(dataset["train"]) // cfg.batch_size
@@ -405,6 +408,7 @@ def train_step(job: Job, batch: dict) -> torch.Tensor:
     same function of the data; DDP synchronises the gradients on the last micro-batch only. Returns this
     process's part of the loss (their mean over processes is the step's loss), on the device: no sync."""
     accelerator, model, cfg = job.accelerator, job.model, job.params.train
+    batch = {**batch, "pixel_values": normalise_pixels(batch["pixel_values"], job.processor.image_processor)}
     tokens = accelerator.reduce((batch["labels"][:, 1:] != IGNORE_INDEX).sum(), "sum")
     scale = accelerator.num_processes / tokens  # DDP averages gradients over processes: undo it
     size = job.micro_batch // accelerator.num_processes

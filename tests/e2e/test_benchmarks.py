@@ -34,7 +34,8 @@ def test_smoke_benchmarks_report_every_figure_with_its_baseline_and_ratio(tiny_r
     results = report["results"]
     assert set(report["seconds"]) == set(BENCHMARKS) and report["level"] == "smoke"
     assert {r["benchmark"] for r in results} == {"train throughput", "caption generation", "metrics", "prepare",
-                                                 "memory", "serving", "catalogue", "pipeline overhead"}
+                                                 "input pipeline", "memory", "serving", "catalogue",
+                                                 "pipeline overhead"}
     for r in results:
         assert r["ours"] > 0, r
         if r["baseline"] is not None:
@@ -46,3 +47,20 @@ def test_smoke_benchmarks_report_every_figure_with_its_baseline_and_ratio(tiny_r
     # each benchmark's figures are printed as it ends, before the table: a later failure cannot lose them
     early = [json.loads(line.split(" s ", 1)[1]) for line in lines if line.startswith("# ")]
     assert [r for rows in early for r in rows] == results
+
+
+def test_gpu_script_checks_what_it_can_and_stops_before_its_first_gpu_step_without_one():
+    import os
+    import shutil
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: gpu.sh would run for real")
+    env = {**os.environ, "PATH": f"{sys.executable.rsplit('/', 1)[0]}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no CUDA device here" in proc.stderr and "stopping before the first GPU step" in proc.stderr
+    assert f"git: {shutil.which('git')}" in proc.stdout  # it got as far as its checks
+    assert "full-size rehearsal" not in proc.stdout  # nothing after the check ran

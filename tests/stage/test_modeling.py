@@ -99,7 +99,7 @@ def test_pixel_values_equal_the_image_processors(mode, size):
     from PIL import Image
     from transformers import BlipImageProcessor
 
-    from fashioncap.modeling import pixel_values
+    from fashioncap.modeling import normalise_pixels, pixel_values
 
     rng = np.random.default_rng(0)
     channels = {"RGB": 3, "RGBA": 4, "LA": 2}.get(mode)
@@ -110,3 +110,5 @@ def test_pixel_values_equal_the_image_processors(mode, size):
     ours = pixel_values(images, processor)
     assert ours.shape == expected.shape == (3, 3, 48, 48) and ours.dtype == expected.dtype
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-6)
+    raw = pixel_values(images, processor, normalise=False)  # what a DataLoader worker hands over
+    assert raw.dtype == torch.uint8 and torch.equal(normalise_pixels(raw, processor), ours)
