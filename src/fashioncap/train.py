@@ -361,7 +361,7 @@ def batches_from(job: Job, consumed: int):
 
 def loop(job: Job, state: RunState, batches, out: Outputs) -> tuple[str, "Pace"]:
     """The training loop, one optimizer step per turn; returns why it stopped and its timing."""
-    cfg, accelerator, model, optimizer = job.params.train, job.accelerator, job.model, job.optimizer
+    cfg, accelerator, model = job.params.train, job.accelerator, job.model
     pace = Pace(state.step, job.params, job.accelerator, model)
     pending: list[tuple[int, torch.Tensor, float]] = []  # steps not logged yet: one device sync per log interval
     bar = progress(total=cfg.max_steps, initial=state.step, desc="train", unit="step",

@@ -221,10 +221,17 @@ def test_auto_micro_batch_fits_and_trains_exactly_as_the_same_number_set_by_hand
 
 
 @pytest.mark.slow
-def test_compiled_training_computes_the_same_loss_and_never_recompiles_after_warm_up(tiny_params, tiny_model):
+def test_compiled_training_computes_the_same_loss_and_never_recompiles_after_warm_up(tiny_params, tiny_model,
+                                                                                   monkeypatch):
+    import functools
+
     from torch._dynamo.utils import counters
 
     from fashioncap import train
+
+    # dynamo's graphs and guards are what recompiles; AOT autograd without Inductor's C++ code generation
+    # traces the same forward and backward in seconds instead of a minute on 2 cores
+    monkeypatch.setattr(train.torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
 
     _, data_dir = tiny_model
     fp32 = tiny_params.train.model_copy(update={"mixed_precision": "no", "batch_size": 2})  # batches of 2 vary more
