@@ -126,9 +126,9 @@ def mixed_precision(requested: str) -> str:
     return "bf16" if native_bf16() else "no"
 
 
-def set_determinism(on_gpu: bool) -> None:
+def set_determinism(gpu_deterministic: bool) -> None:
     """Deterministic algorithms on the CPU always (reproduce and the offline figures rely on its bits), and
-    on a GPU when `numerics.deterministic` asks (on_gpu). Never the NaN fill of fresh allocations that
+    on a GPU when `numerics.deterministic` asks (gpu_deterministic). Never the NaN fill of fresh allocations that
     deterministic mode adds (correct code never reads them; it costs a pass over every new tensor), and the
     warning of an op without a deterministic kernel once, not at every call. Off on a GPU: cuDNN picks its
     fastest kernels."""
@@ -136,7 +136,7 @@ def set_determinism(on_gpu: bool) -> None:
 
     import torch
 
-    deterministic = on_gpu or not torch.cuda.is_available()
+    deterministic = gpu_deterministic or not torch.cuda.is_available()
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = not deterministic
