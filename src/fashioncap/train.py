@@ -539,7 +539,7 @@ def finish(job: Job, state: RunState, out: Outputs, stop_reason: str, pace: "Pac
     cfg, accelerator, seconds = job.params.train, job.accelerator, pace.seconds()
     summary = {
         "steps": state.step, "best_step": state.tracker.best_step, "best_metric": cfg.metric,
-        "best_value": state.tracker.best, "stop_reason": stop_reason, "train_seconds": round(seconds, 1),
+        "best_value": state.tracker.best, "stop_reason": stop_reason, "train_seconds": round(seconds, 3),
         # the steps of this process only: after a resume, the earlier ones ran before it started
         "samples_per_second": round((state.step - pace.first_step) * cfg.batch_size / seconds, 2),
         "micro_batch": job.micro_batch,
