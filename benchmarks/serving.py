@@ -29,8 +29,9 @@ BASE_OVERRIDES = ("model.image_size=384", "numerics.cpu_kernels=native", "numeri
 
 
 def champion(root: Path, size: str, precisions: tuple[str, ...] = ("auto",)) -> tuple[dict, Path, object]:
-    """A registry in `root` with one version per `train.mixed_precision` value (version 1, 2, ...) of an
-    offline-size BLIP or a BLIP-base-shaped one (random weights: the same work per request as trained
+    """A registry in `root` with one version per entry of `precisions` (version 1, 2, ...): a
+    `train.mixed_precision` value, optionally with more overrides after a space ("auto model.attention=eager"),
+    of an offline-size BLIP or a BLIP-base-shaped one (random weights: the same work per request as trained
     ones, since generation runs to max_new_tokens either way), the last one champion; returns the
     environment that points at it, the model folder and the last version's params."""
     import mlflow
@@ -52,9 +53,10 @@ def champion(root: Path, size: str, precisions: tuple[str, ...] = ("auto",)) -> 
     before, threads = dict(os.environ), torch.get_num_threads()
     os.environ.update(env)  # the project's tracking code reads it
     try:
-        for precision in precisions:
+        for version in precisions:
+            precision, *more = version.split()
             params = offline_params(*small, *(BASE_OVERRIDES if size == "base" else ()),
-                                    f"train.mixed_precision={precision}")
+                                    f"train.mixed_precision={precision}", *more)
             run = tracking.start_run(params)
             mlflow.end_run()
             scores = {"bleu_1": 0.0, "bleu_2": 0.0, "bleu_3": 0.0, "bleu_4": 0.0, "cider_d": 0.0, "rouge_l": 0.0}
@@ -104,15 +106,20 @@ def server(root: Path, env: dict, *options: str):
         yield f"http://127.0.0.1:{port}/invocations"
 
 
-# name: registered version (1 = train.mixed_precision no, 2 = auto) and `fashioncap serve` options
-SERVERS = {"today": ("1", "--batch-size", "1"), "one at a time": ("2", "--batch-size", "1"), "batching": ("2",)}
+# name: registered version (1 = train.mixed_precision no, 2 = auto, 3 = auto with transformers' eager attention,
+# BLIP-base only) and `fashioncap serve` options
+SERVERS = {"today": ("1", "--batch-size", "1"), "one at a time": ("2", "--batch-size", "1"), "batching": ("2",),
+           "batching, eager attention": ("3",)}
+VERSIONS = {"offline": ("no", "auto"), "base": ("no", "auto", "auto model.attention=eager")}
 
 
 def measure(size: str, concurrencies: tuple[int, ...], requests: dict[int, int], wait_ms: float) -> dict:
     """images/s and latencies of each server at each concurrency, and the latency of one full batch."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        env, _, params = champion(root, size, ("no", "auto"))
+        env, _, params = champion(root, size, VERSIONS[size])
+        params = offline_params("data.synthetic.items=60", "data.synthetic.render_size=96", "data.num_workers=0",
+                                *(BASE_OVERRIDES if size == "base" else ()))  # version 2's, not the eager one's
         env = {**os.environ, **env}
         encoded = []
         for product in products(16, max(params.model.image_size, 96)):
@@ -120,11 +127,11 @@ def measure(size: str, concurrencies: tuple[int, ...], requests: dict[int, int],
             product.image.save(buf, format="PNG")
             encoded.append(base64.b64encode(buf.getvalue()).decode())
         # on the offline profile both versions compute in fp32 (its kernels are pinned): one server for both
-        names = [n for n in SERVERS if size == "base" or n != "one at a time"]
+        names = [n for n in SERVERS if size == "base" or n not in ("one at a time", "batching, eager attention")]
         figures: dict = {"params": params, "wait_ms": wait_ms}
         for name in names:
             version, *options = SERVERS[name]
-            if name == "batching":
+            if name.startswith("batching"):
                 options = ["--max-wait-ms", f"{wait_ms:g}"]
             with server(root, env, "--model", f"models:/{params.registry.name}/{version}", *options) as url:
                 for c in concurrencies:
@@ -153,6 +160,12 @@ def rows(size: str, figures: dict, concurrencies: tuple[int, ...], target: float
         results.append(Result("serving", f"{name}, concurrency {c}, 1-image requests", "images/s",
                               ours["images_per_s"], before["images_per_s"], today,
                               target=target if c == max(concurrencies) else None, note=note))
+        if ("batching, eager attention", c) in figures:  # the same batching server before SDPA
+            eager = figures[("batching, eager attention", c)]
+            results.append(Result("serving", f"{name}, concurrency {c}, 1-image requests, SDPA", "images/s",
+                                  ours["images_per_s"], eager["images_per_s"], "eager attention, batching",
+                                  target=1.5 if c == max(concurrencies) else None,
+                                  note=f"SDPA {_note(ours)}; eager {_note(eager)}"))
     wait_s = figures["wait_ms"] / 1000
     bound = figures[("today", 1)]["p95_s"] + wait_s + figures["batch_s"]
     top = max(concurrencies)

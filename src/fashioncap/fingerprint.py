@@ -41,7 +41,10 @@ ONEDNN_LEVELS = {
     "AVX512_CORE_VNNI": _AVX512_CORE | {"avx512_vnni"},
     "AVX512_CORE_BF16": _AVX512_CORE | {"avx512_vnni", "avx512_bf16"},
     "AVX512_CORE_FP16": _AVX512_CORE | {"avx512_vnni", "avx512_bf16", "avx512_fp16"},
-    "AVX512_CORE_AMX": _AVX512_CORE | {"avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"},
+    # oneDNN 3 orders AMX above AVX-512 FP16 (AVX512_CORE_AMX is an alias of AVX10_1_512_AMX): every AMX CPU has both
+    "AVX512_CORE_AMX": _AVX512_CORE | {"avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16"},
+    "AVX512_CORE_AMX_FP16": _AVX512_CORE | {"avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8",
+                                            "amx_bf16", "amx_fp16"},
 }
 # the packages whose versions change numbers (tokenization, image resizing, kernels)
 VERSIONED = ("torch", "transformers", "tokenizers", "accelerate", "datasets", "safetensors", "numpy", "pillow")
