@@ -13,11 +13,13 @@ fashion-style captions (tests/unit/test_ptb.py keeps the Java tokenizer as the o
   companies, "etc", "vs", single letters and acronyms such as "u.s.", and "no."/"ca." before a number);
 - a decimal number glued to a unit is two tokens ("7.5cm" -> "7.5 cm"; "110cm" stays one);
 - unicode fractions are spelled out ("7½" -> "7 1/2");
-- unicode dashes and the ellipsis character are punctuation ("--", "..."), "£" and "€" become "#" and
+- unicode dashes, the ellipsis character and two periods are punctuation ("--", "..."), "£" and "€" become "#" and
   "$", symbols such as "®", "™", "°", "~" are tokens of their own; runs of "!" and "?" stay one token;
 - an opening single quote is split off a word ("'the" -> "` the") except in "'n'", "'em", "'90s", and
   "'tis" is "'t is";
-- "<...>" stays one token (SGML), only (), [] and {} are brackets.
+- "<...>" stays one token (SGML), only (), [] and {} are brackets;
+- contractions, possessives and quotes are found in any case ("MEN'S", "DON'T", "IsN't"), as Stanford's
+  lexer does: product copy is often in capitals.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ _FRACTIONS = {"\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3"
 _DECIMAL_UNIT = re.compile(r"^(\d*\.\d+)([A-Za-z]+)$")
 _SLASHED = re.compile(r"^[\w.-]+(?:/[\w.-]+)+$")
 _DECIMAL = re.compile(r"\d\.\d")
-_QUOTED_START = re.compile(r"^'(?!(?:n'?|t|em|\d0s|[sdm]|ll|re|ve)$)(?=\w)")
+_QUOTED_START = re.compile(r"^'(?!(?:n'?|t|em|\d0s|[sdm]|ll|re|ve)$)(?=\w)", re.I)  # "MEN'S" too
 
 
 @lru_cache(maxsize=1)
@@ -64,6 +66,12 @@ def _treebank():
             (re.compile(r"[?!]+"), r" \g<0> "),
             *TreebankWordTokenizer.PUNCTUATION[6:],
         ]
+        # Stanford splits contractions in any case ("DON'T", "IsN't", "yoU'Ll"); nltk only in all-lower or
+        # all-upper
+        ENDING_QUOTES = [
+            *TreebankWordTokenizer.ENDING_QUOTES[:3],
+            (re.compile(r"(?i)([^' ])('ll|'re|'ve|n't) "), r"\1 \2 "),
+        ]
 
     return _StanfordTreebank()
 
@@ -76,6 +84,13 @@ def _before(text: str) -> str:
         text = text.replace(fraction, f" {spelled}")
     text = re.sub(r"\brock'n'roll\b", "rock 'n' roll", text, flags=re.I)
     text = re.sub(r"(?<=\d)'(?=\d)", " ' ", text)  # 6'2": feet and inches
+    # two or more periods are an ellipsis ("racket..it" -> "racket ... it"), but after a lone letter or an
+    # acronym an abbreviation's period first ("S..XL" -> "S. . XL", "U.S.." -> "U.S. ."), between digits a
+    # period and a decimal ("3..4" -> "3 . .4")
+    text = re.sub(r"(?<![A-Za-z.])([A-Za-z])\.\.(?!\.)", r"\1. . ", text)
+    text = re.sub(r"(?<=[A-Za-z]\.[A-Za-z])\.\.(?!\.)", ". . ", text)
+    text = re.sub(r"(?<=\d)\.\.(?=\d)", " . .", text)
+    text = re.sub(r"(?<!\.)\.{2,}", " ... ", text)
     return re.sub(r"(?i)(?<![\w'])'tis\b", "'t is", text)
 
 
@@ -160,7 +175,7 @@ def _slow_tokens(caption: str) -> list[str]:
                     tokens.extend(_split_period(p, following))
     merged: list[str] = []
     for token in tokens:
-        if token == "'" and merged and merged[-1] == "'n":  # nltk splits the closing quote off "'n'"
+        if token == "'" and merged and merged[-1].lower() == "'n":  # nltk splits the closing quote off "'n'"
             merged[-1] = "'n'"
         else:
             merged.append(token)

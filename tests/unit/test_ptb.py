@@ -56,6 +56,19 @@ from fashioncap.ptb import coco_tokens
     ("Café-style apron", "café-style apron"),
     # line breaks are spaces
     ("a few people standing around a table\n", "a few people standing around a table"),
+    # capitals and mixed case: possessives, contractions and quotes as in lower case (product copy)
+    ("MIKE AND JENNY'S CAMPFIRE", "mike and jenny 's campfire"),
+    ("MEN'S LEVI'S JEANS", "men 's levi 's jeans"),
+    ("DON'T TUMBLE DRY, IT ISN'T WOOL", "do n't tumble dry it is n't wool"),
+    ("IsN't It WE'RE yoU'Ll", "is n't it we 're you 'll"),
+    ("ROCK 'N' ROLL TEE, '90S STYLE", "rock 'n' roll tee '90s style"),
+    ("THE 'VINTAGE' LOOK", "the vintage look"),
+    ("'TIS THE SEASON", "'t is the season"),
+    # two periods: an ellipsis, or an abbreviation's period and one more
+    ("a tennis racket..it is new", "a tennis racket it is new"),
+    ("sizes S..XL", "sizes s. xl"),
+    ("made in the U.S..", "made in the u.s."),
+    ("3..4 cm", "3 .4 cm"),
 ])
 def test_tokens_equal_the_official_coco_tokenisation(caption, official):
     assert coco_tokens(caption) == official
