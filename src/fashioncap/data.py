@@ -9,7 +9,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 from PIL import Image
 
@@ -144,12 +144,28 @@ def _imagefolder_items(cfg: DataParams) -> Iterator[RawItem]:
                                   f"Set data.text_column / data.category_column.")
         for row in rows:
             name = str(row.get("file_name") or "")
-            path = meta.parent / name
-            problem = row.get("__error__") or (None if name and path.is_file() else "image file not found")
+            path, problem = _confined(folder, meta.parent, name)
+            problem = row.get("__error__") or problem
             data = b"" if problem else path.read_bytes()
             key = hashlib.sha256(data).hexdigest()[:24] if data else f"unreadable:{meta.parent.name}/{name}"
             category = str(row[cfg.category_column]) if cfg.category_column and row.get(cfg.category_column) else None
-            yield RawItem(key, data, row.get(cfg.text_column), category, str(path.relative_to(folder)), problem)
+            source = str(path.relative_to(folder)) if path is not None else name
+            yield RawItem(key, data, row.get(cfg.text_column), category, source, problem)
+
+
+def _confined(folder: Path, parent: Path, name: str) -> tuple[Path | None, str | None]:
+    """The file a metadata row names, and None; or a problem: a name that is absolute, climbs out of the
+    catalogue folder (`../`) or is a link to outside it names a file DVC does not hash as the dataset."""
+    if not name:
+        return None, "image file not found"
+    if Path(name).is_absolute() or PureWindowsPath(name).is_absolute() or name.startswith("\\"):
+        return None, f"file_name '{name}' is an absolute path: it must name a file inside the catalogue folder"
+    path = parent / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        return None, f"file_name '{name}' points outside the catalogue folder"
+    if not path.is_file():
+        return path, "image file not found"
+    return path, None
 
 
 def hub_offline() -> bool:

@@ -36,6 +36,7 @@ def dirty_catalogue(folder: Path) -> dict[str, str]:
         "palette.png": png(Image.new("P", (64, 64), 3)),
         "cmyk.jpg": png(Image.new("CMYK", (64, 64), (0, 50, 50, 0)), "JPEG"),
         "deep.png": png(Image.new("I;16", (64, 64), 40000)),
+        "deep-big-endian.tif": png(Image.new("I;16B", (64, 64), 40000), "TIFF"),
         "rotated.jpg": rotated_jpeg(),
     }
     bad = {
@@ -48,6 +49,7 @@ def dirty_catalogue(folder: Path) -> dict[str, str]:
         "blank.png": (png(Image.new("RGB", (64, 64), (4, 5, 6))), "empty_caption"),
         "essay.png": (png(Image.new("RGB", (64, 64), (7, 8, 9))), "long_caption"),
         "again.png": (good["rgb.png"], "duplicate_image_other_caption"),
+        "drawing.eps": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n%%EndComments\n", "not_an_image"),
     }
     captions = {name: GOOD_CAPTION + f" number {i}" for i, name in enumerate(good)}
     captions.update({"nocaption.png": None, "blank.png": "   \t ", "essay.png": " ".join(["word"] * 300),
@@ -57,13 +59,21 @@ def dirty_catalogue(folder: Path) -> dict[str, str]:
     with open(folder / "metadata.jsonl", "w") as f:
         for name in [*good, *bad]:  # good first: the duplicate's original comes before it
             f.write(json.dumps({"file_name": name, "text": captions.get(name, GOOD_CAPTION)}) + "\n")
+    # files outside the catalogue folder, which DVC does not hash with it: named by a climbing or an absolute
+    # path, or through a link, they are refused, not read
+    outside = folder.parent / "outside.png"
+    outside.write_bytes(png(Image.new("RGB", (64, 64), (0, 99, 0))))
+    (folder / "link.png").symlink_to(outside)
+    escapes = ["../outside.png", str(outside), "link.png"]
     with open(folder / "metadata.jsonl", "a") as f:
-        f.write(json.dumps({"file_name": "gone.png", "text": GOOD_CAPTION}) + "\n")
+        for name in ["gone.png", *escapes]:
+            f.write(json.dumps({"file_name": name, "text": GOOD_CAPTION}) + "\n")
     legacy = folder / "legacy"
     legacy.mkdir()
     (legacy / "dress.png").write_bytes(png(Image.new("RGB", (64, 64), (100, 0, 100))))
     (legacy / "metadata.csv").write_bytes("file_name,text\ndress.png,Caf\xe9 cr\xe8me dress\n".encode("cp1252"))
-    return {**{name: kind for name, (_, kind) in bad.items()}, "gone.png": "unreadable_entry"}
+    return {**{name: kind for name, (_, kind) in bad.items()}, "gone.png": "unreadable_entry",
+            **{name: "unreadable_entry" for name in escapes}}
 
 
 def prepare(tmp_path, write_params, tiny_raw, max_rejected: float) -> subprocess.CompletedProcess:
@@ -89,11 +99,14 @@ def test_dirty_catalogue_prepares_with_a_rejection_report(tmp_path, write_params
     assert {r["source"]: r["kind"] for r in report} == shop
     assert all(r["key"] and r["reason"] for r in report)
     metrics = json.loads((tmp_path / "prepare.json").read_text())
-    assert metrics["items"] == 8 and metrics["rejected"] == len(shop)
+    assert metrics["items"] == 9 and metrics["rejected"] == len(shop)
+    reasons = {r["source"]: r["reason"] for r in report}
+    assert "outside the catalogue folder" in reasons["../outside.png"] and "absolute path" in reasons[
+        str(tmp_path / "outside.png")] and "outside the catalogue folder" in reasons["link.png"]
     assert metrics["rejected_by_reason"]["empty_caption"] == 2
     kept = datasets.load_from_disk(str(tmp_path / "prepared"))
     images = [row["image"] for split in kept.values() for row in split]
-    assert len(images) == 8 and {im.mode for im in images} == {"RGB"}
+    assert len(images) == 9 and {im.mode for im in images} == {"RGB"}
     captions = {row["caption"] for split in kept.values() for row in split}
     assert "Café crème dress" in captions  # a legacy-encoded metadata file is read, not rejected
     assert {im.size for im in images} == {(tiny_raw["model"]["image_size"],) * 2}
@@ -104,7 +117,7 @@ def test_dirty_catalogue_prepares_with_a_rejection_report(tmp_path, write_params
 def test_too_dirty_a_catalogue_fails_naming_the_worst_reasons(tmp_path, write_params, tiny_raw, shop):
     proc = prepare(tmp_path, write_params, tiny_raw, max_rejected=0.3)
     assert proc.returncode == 2
-    assert "10 of 18 items rejected" in proc.stderr and "empty_caption (2)" in proc.stderr
+    assert "14 of 23 items rejected" in proc.stderr and "empty_caption (2)" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
