@@ -49,7 +49,10 @@ ONEDNN_LEVELS = {
 # the packages whose versions change numbers (tokenization, image resizing, kernels)
 VERSIONED = ("torch", "transformers", "tokenizers", "accelerate", "datasets", "safetensors", "numpy", "pillow")
 # the fields that decide the bits of a result; the rest (CPU model, flags) say where it ran
-NUMERIC_FIELDS = ("device", "gpu", "cuda", "cudnn", "aten_kernels", "onednn_isa", "mkl_cbwr", "threads",
+# cpu_vendor too: with every kernel pinned (ATen, oneDNN, MKL: AVX2, 2 threads) an Intel Xeon and an AMD EPYC
+# trained other weights from the same data, also with MKL_CBWR=COMPATIBLE (docs/reliability.md): the kernels
+# choose their blocking by the CPU's caches, and so their order of summation
+NUMERIC_FIELDS = ("device", "gpu", "cuda", "cudnn", "cpu_vendor", "aten_kernels", "onednn_isa", "mkl_cbwr", "threads",
                   "mixed_precision", "lock", "lock_installed", *VERSIONED)
 LOCK_FILES = {"cpu": "requirements.lock", "cuda": "requirements-cuda.lock"}
 
@@ -227,11 +230,8 @@ def fingerprint(root: Path, mixed_precision: str) -> dict[str, str]:
 
 
 def numeric_differences(original: dict[str, str], other: dict[str, str]) -> list[str]:
-    """The fields that decide a result's bits and differ; MKL's automatic path also depends on the vendor."""
-    keys = list(NUMERIC_FIELDS)
-    if original.get("mkl_cbwr") == "auto":
-        keys.append("cpu_vendor")
-    return [k for k in keys if original.get(k) != other.get(k)]
+    """The fields that decide a result's bits and differ."""
+    return [k for k in NUMERIC_FIELDS if original.get(k) != other.get(k)]
 
 
 def pins_to_match(original: dict[str, str], here: dict[str, str]) -> tuple[dict[str, str], list[str]]:
