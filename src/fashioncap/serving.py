@@ -16,7 +16,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import mlflow
@@ -46,12 +47,21 @@ def batch_images_within(timeout_s: float, seconds_per_image: float, configured: 
     return max(1, min(configured, fitting_images(timeout_s, seconds_per_image, 2 * configured) // 2))
 
 
+class QueueFull(RuntimeError):
+    """The batcher holds as many waiting images as it may: answered 503 at once, not after a timeout."""
+
+
+class DeadlineExceeded(TimeoutError):
+    """A request's deadline passed before its captions were computed: they never are."""
+
+
 @dataclass(eq=False)
 class Job:
     """One request's images and generation settings, and where its captions go."""
 
     images: list
     generate: object  # GenerateParams
+    deadline: float = float("inf")  # time.monotonic() after which nobody waits for the captions
     done: Future = field(default_factory=Future)
 
     @property
@@ -78,33 +88,76 @@ def pack(jobs: list[Job], max_images: int) -> list[list[Job]]:
 class Batcher:
     """Captions concurrent requests together: the first request to arrive waits at most `max_wait_s` for
     others, up to `max_images` images in all; one thread runs the generate() calls, one at a time (two at
-    once would only share the same cores), and each caller gets its own captions, or its batch's error."""
+    once would only share the same cores), and each caller gets its own captions, or its batch's error.
 
-    def __init__(self, caption: Callable[[list, object], list[str]], max_images: int, max_wait_s: float):
+    Bounded: at most `max_waiting` images wait behind the batch being computed (more would miss their
+    deadline anyway: a request beyond that is refused at once with QueueFull), and a request whose deadline
+    passed, or whose caller stopped waiting, is dropped before its batch is computed."""
+
+    def __init__(self, caption: Callable[[list, object], list[str]], max_images: int, max_wait_s: float,
+                 max_waiting: int | None = None):
         self.caption, self.max_images, self.max_wait_s = caption, max_images, max_wait_s
+        self.max_waiting = max_waiting
         self._queue: queue.Queue[Job] = queue.Queue()
+        self._waiting, self._lock = 0, threading.Lock()
+        self.dropped = 0  # requests dropped unanswered: deadline passed or caller gone
         threading.Thread(target=self._run, name="caption-batcher", daemon=True).start()
 
-    def submit(self, images: list, generate) -> list[str]:
-        """Captions these images with these settings, in a batch with whatever else arrives meanwhile."""
-        job = Job(list(images), generate)
+    def submit(self, images: list, generate, deadline: float = float("inf")) -> list[str]:
+        """Captions these images with these settings, in a batch with whatever else arrives meanwhile;
+        QueueFull at once when the queue is full, DeadlineExceeded when `deadline` passes first."""
+        job = Job(list(images), generate, deadline)
+        with self._lock:
+            limit = self.max_waiting
+            if limit is not None and self._waiting > 0 and self._waiting + len(job.images) > limit:
+                raise QueueFull(f"{self._waiting} images are waiting to be captioned, the most this server queues "
+                                f"is {limit}: retry later")
+            self._waiting += len(job.images)
         self._queue.put(job)
-        return job.done.result()
+        try:
+            return job.done.result(timeout=None if deadline == float("inf") else max(0.0, deadline - time.monotonic()))
+        except (FutureTimeout, CancelledError):
+            job.done.cancel()  # not computed if its batch has not started; if it has, the result is dropped
+            raise DeadlineExceeded("the request's deadline passed before its captions were computed") from None
+
+    def _take(self) -> Job:
+        job = self._queue.get()
+        with self._lock:
+            self._waiting -= len(job.images)
+        return job
 
     def _collect(self) -> list[Job]:
-        jobs = [self._queue.get()]
+        jobs = [self._take()]
         count, deadline = len(jobs[0].images), time.monotonic() + self.max_wait_s
         while count < self.max_images:
             try:
-                jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                remaining = max(0.0, deadline - time.monotonic())
+                if remaining <= 0 and self._queue.empty():
+                    break
+                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
+            with self._lock:
+                self._waiting -= len(job.images)
+            jobs.append(job)
             count += len(jobs[-1].images)
         return jobs
 
+    def _live(self, jobs: list[Job]) -> list[Job]:
+        """The jobs still awaited; the others are dropped uncomputed."""
+        live, now = [], time.monotonic()
+        for job in jobs:
+            if now > job.deadline:
+                job.done.cancel()
+            if job.done.set_running_or_notify_cancel():
+                live.append(job)
+            else:
+                self.dropped += 1
+        return live
+
     def _run(self) -> None:
         while True:
-            for batch in pack(self._collect(), self.max_images):
+            for batch in pack(self._live(self._collect()), self.max_images):
                 try:
                     captions = self.caption([im for job in batch for im in job.images], batch[0].generate)
                 except BaseException as error:  # every waiting request hears of it; the thread goes on
@@ -149,6 +202,8 @@ class Captioner(PythonModel):
         self.precision = mixed_precision(self.config.get("mixed_precision", "no"))  # older models: fp32
         self.max_images = self.config["max_images"]
         self.batcher = None
+        self.max_queued, self.timeout_s = None, None  # set by _start_serving: requests are bounded there
+        self._in_flight, self._in_flight_lock = 0, threading.Lock()
         self.serving = bool(os.environ.get(TIMEOUT_ENV))  # inside the scoring server: requests and their limits
         if self.serving:
             self._start_serving(float(os.environ[TIMEOUT_ENV]))
@@ -176,12 +231,16 @@ class Captioner(PythonModel):
         seconds = time.perf_counter() - started
         self.max_images = fitting_images(timeout_s, seconds, self.config["max_images"])
         batch = batch_images_within(timeout_s, seconds, configured)
+        # the images that may wait or be in progress at once: what the device captions within the timeout at
+        # the measured one-image pace (batches go faster), never less than a request or a batch
+        self.max_queued = max(self.max_images, batch, fitting_images(timeout_s, seconds, 1 << 30))
+        self.timeout_s = timeout_s
         if self.batcher is not None:
-            self.batcher.max_images = batch
+            self.batcher.max_images, self.batcher.max_waiting = batch, self.max_queued
         log.warning("one full-length caption takes %.2f s on %s (%s): serving at most %d images per request "
-                    "(registry.max_images %d, request timeout %.0f s); %s", seconds, self.model.device,
-                    "bf16 autocast" if self.precision == "bf16" else "fp32", self.max_images,
-                    self.config["max_images"], timeout_s,
+                    "(registry.max_images %d, request timeout %.0f s), %d waiting or in progress at once; %s",
+                    seconds, self.model.device, "bf16 autocast" if self.precision == "bf16" else "fp32",
+                    self.max_images, self.config["max_images"], timeout_s, self.max_queued,
                     f"batching up to {batch} images of concurrent requests, waiting at most {wait_ms:g} ms"
                     if self.batcher is not None else "one request at a time")
 
@@ -229,9 +288,43 @@ class Captioner(PythonModel):
             raise bad_input(f"invalid inference params: errors must be 'raise' or 'row', not {errors!r}")
         try:
             generate = self.generate.model_copy(update=params)
-            return type(generate).model_validate(generate.model_dump()), errors
+            generate = type(generate).model_validate(generate.model_dump())
         except ValueError as error:
             raise bad_input(f"invalid inference params: {error}") from None
+        # a request may ask for less work than the registered settings, never more: the image limit and the
+        # batches were fitted to the timeout with them (400 beams would hold the batcher for hours)
+        for name in ("num_beams", "max_new_tokens"):
+            if getattr(generate, name) > getattr(self.generate, name):
+                raise bad_input(f"invalid inference params: {name} {getattr(generate, name)} is above the registered "
+                                f"{getattr(self.generate, name)}, the most a request may ask for")
+        return generate, errors
+
+    def _captions(self, images: list, generate, deadline: float) -> list[str]:
+        """The captions of a request's good images within the server's bounds: a full queue is a 503 at once,
+        a request whose deadline passed a 504 and never computed."""
+        from mlflow.protos.databricks_pb2 import DEADLINE_EXCEEDED, TEMPORARILY_UNAVAILABLE
+
+        try:
+            if self.batcher is not None:
+                return self.batcher.submit(images, generate, deadline)
+            if self.max_queued is None:  # a batch job, not a server
+                return self._caption(images, generate)
+            with self._in_flight_lock:
+                if self._in_flight > 0 and self._in_flight + len(images) > self.max_queued:
+                    raise QueueFull(f"{self._in_flight} images are being captioned, the most this server takes at "
+                                    f"once is {self.max_queued}: retry later")
+                self._in_flight += len(images)
+            try:
+                if time.monotonic() > deadline:
+                    raise DeadlineExceeded("the request's deadline passed before its captions were computed")
+                return self._caption(images, generate)
+            finally:
+                with self._in_flight_lock:
+                    self._in_flight -= len(images)
+        except QueueFull as error:
+            raise MlflowException(str(error), error_code=TEMPORARILY_UNAVAILABLE) from None
+        except DeadlineExceeded as error:
+            raise MlflowException(str(error), error_code=DEADLINE_EXCEEDED) from None
 
     def predict(self, context, model_input, params=None):
         """One caption per image. errors='raise' (the default): a bad image fails the request with a
@@ -239,6 +332,7 @@ class Captioner(PythonModel):
         image is a row with an error and no caption ("" for none), as a batch job over a catalogue needs."""
         import pandas as pd
 
+        deadline = time.monotonic() + self.timeout_s if self.timeout_s else float("inf")
         generate, errors = self._settings(params)
         images = self._decoded(self._values(model_input))
         bad = {row: str(image) for row, image in enumerate(images) if isinstance(image, Exception)}
@@ -246,7 +340,7 @@ class Captioner(PythonModel):
             row = min(bad)
             raise bad_input(f"image {row}: {bad[row]}")
         good = [image for image in images if not isinstance(image, Exception)]
-        captions = iter((self.batcher.submit if self.batcher else self._caption)(good, generate) if good else [])
+        captions = iter(self._captions(good, generate, deadline) if good else [])
         if errors == "raise":
             return list(captions)
         # "" for none: mlflow.pyfunc.spark_udf casts a struct's string fields with astype(str), None -> "None"

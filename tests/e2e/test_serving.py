@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import io
 import json
@@ -82,7 +83,7 @@ def test_serves_captions_and_answers_bad_input_with_4xx(server):
     assert "batching up to 16 images of concurrent requests, waiting at most 10 ms" in log.read_text()
     status, body = post(port, images_body([png_b64(), png_b64((0, 0, 250), (80, 30))]))
     assert status == 200 and len(body["predictions"]) == 2
-    status, body = post(port, {"inputs": {"image": [png_b64()]}, "params": {"num_beams": 2}})
+    status, body = post(port, {"inputs": {"image": [png_b64()]}, "params": {"max_new_tokens": 5}})
     assert status == 200 and len(body["predictions"]) == 1
 
     limit = params.registry.max_pixels
@@ -95,6 +96,14 @@ def test_serves_captions_and_answers_bad_input_with_4xx(server):
         "holds no images": images_body([]),
         f"the limit is {params.registry.max_images}": images_body([png_b64()] * (params.registry.max_images + 1)),
         f"the limit is {params.registry.max_request_bytes}": images_body([noise_b64(), noise_b64(), noise_b64()]),
+        # a request may ask for less generation work than registered, never more
+        f"num_beams 400 is above the registered {params.generate.num_beams}":
+            {**images_body([png_b64()]), "params": {"num_beams": 400}},
+        f"max_new_tokens {params.generate.max_new_tokens + 1} is above the registered "
+        f"{params.generate.max_new_tokens}":
+            {**images_body([png_b64()]), "params": {"max_new_tokens": params.generate.max_new_tokens + 1}},
+        "accepted formats: JPEG, PNG": images_body([base64.b64encode(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: "
+                                                                     b"0 0 9 9\n").decode()]),
     }
     for expected, payload in cases.items():
         status, body = post(port, payload)
@@ -122,9 +131,10 @@ def _tree_rss(pid: int) -> int:
 
 
 def test_load_of_mixed_valid_and_invalid_requests(server):
-    """500 requests at concurrency 16, 40% of them bad, the good ones of 1-3 images with three caption
-    lengths (three kinds of batch): no 5xx, every bad one a 4xx, every good one exactly its own captions
-    (what it gets alone), memory stays flat."""
+    """500 requests at concurrency 16, 40% of them bad or abusive (garbage, truncated, empty, wrong shape,
+    400 beams, 512 new tokens, an image above the pixel limit, too many images) while 4 slow clients trickle
+    theirs, the good ones of 1-3 images with three caption lengths (three kinds of batch): no 5xx, every bad
+    one a 4xx, every good one exactly its own captions (what it gets alone), memory stays flat."""
     import random
     import statistics
     from concurrent.futures import ThreadPoolExecutor
@@ -136,8 +146,14 @@ def test_load_of_mixed_valid_and_invalid_requests(server):
               "params": {"max_new_tokens": lengths[i % 3]}} for i in range(9)]
     alone = [post(port, body) for body in valid]  # one request at a time: nothing to batch it with
     assert all(status == 200 for status, _ in alone)
+    side = int(params.registry.max_pixels ** 0.5) + 10
     invalid = [images_body(["@@@"]), images_body([base64.b64encode(b"GIF89a broken").decode()]),
-               images_body([truncated_png()]), images_body([]), {"wrong": []}]
+               images_body([truncated_png()]), images_body([]), {"wrong": []},
+               # abuse: unbounded generation work, a huge image, more images than allowed
+               {**images_body([png_b64()]), "params": {"num_beams": 400}},
+               {**images_body([png_b64()]), "params": {"max_new_tokens": 512}},
+               images_body([png_b64(size=(side, side))]),
+               images_body([png_b64()] * (params.registry.max_images + 1))]
     plan = [("ok", i) if rng.random() < 0.6 else ("bad", rng.randrange(len(invalid))) for i in range(500)]
 
     def call(item):
@@ -149,7 +165,8 @@ def test_load_of_mixed_valid_and_invalid_requests(server):
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(call, plan[:50]))  # warm-up: allocator and caches settle
         rss_before = _tree_rss(server_pid)
-        results = list(pool.map(call, plan))
+        with slow_clients(port, 4):  # connections that trickle their request a few bytes a second meanwhile
+            results = list(pool.map(call, plan))
     rss_growth = _tree_rss(server_pid) - rss_before
     latencies = sorted(r[-1] for r in results)
     p50, p95 = statistics.median(latencies), latencies[int(0.95 * len(latencies))]
@@ -162,6 +179,36 @@ def test_load_of_mixed_valid_and_invalid_requests(server):
             assert status == 200 and answer == alone[index % len(valid)][1], (index, answer)
     assert len({json.dumps(body) for _, body in alone}) == 3  # the check above tells the three lengths apart
     assert rss_growth < 150 * 2**20, f"server memory grew by {rss_growth / 2**20:.0f} MiB"
+
+
+@contextlib.contextmanager
+def slow_clients(port: int, count: int):
+    """`count` clients that send a request's headers and then its body a few bytes at a time, until the end."""
+    import socket
+    import threading
+
+    body = json.dumps(images_body([png_b64()])).encode()
+    head = (f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    stop = threading.Event()
+
+    def trickle():
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as conn:
+            conn.sendall(head)
+            for start in range(0, len(body), 8):
+                if stop.wait(0.2):
+                    return
+                conn.sendall(body[start:start + 8])
+
+    threads = [threading.Thread(target=trickle, daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
 
 
 def test_request_image_limit_fits_the_timeout_on_the_serving_device():

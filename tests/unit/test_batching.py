@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from fashioncap.config import GenerateParams
-from fashioncap.serving import Batcher, Job, batch_images_within, pack
+from fashioncap.serving import Batcher, DeadlineExceeded, Job, QueueFull, batch_images_within, pack
 
 GREEDY = GenerateParams(num_beams=1, max_new_tokens=8, min_length=0, repetition_penalty=1.0,
                         no_repeat_ngram_size=0, batch_size=4)
@@ -83,3 +83,63 @@ def test_batch_fits_the_timeout_with_one_batch_ahead_of_it():
     assert batch_images_within(300, 10.2, 16) == 11
     assert batch_images_within(300, 0.01, 16) == 16  # fast device: the configured batch
     assert batch_images_within(60, 90.0, 16) == 1  # never below one image
+
+
+def test_a_request_whose_deadline_passes_while_it_waits_is_never_computed():
+    recorder = Recorder(seconds=0.4)
+    batcher = Batcher(recorder, max_images=1, max_wait_s=0.0)
+    with ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(batcher.submit, ["first"], GREEDY)
+        time.sleep(0.05)  # "first" is being captioned
+        started = time.perf_counter()
+        with pytest.raises(DeadlineExceeded):
+            batcher.submit(["late"], GREEDY, deadline=time.monotonic() + 0.1)
+        assert time.perf_counter() - started < 0.3  # the caller hears at its deadline, not after the batch
+        assert slow.result() == ["caption of first (1 beams)"]
+    assert batcher.submit(["next"], GREEDY) == ["caption of next (1 beams)"]
+    assert ["late"] not in recorder.calls and batcher.dropped == 1
+
+
+def test_a_full_queue_refuses_at_once_and_takes_requests_again_once_it_drains():
+    recorder = Recorder(seconds=0.3)
+    batcher = Batcher(recorder, max_images=2, max_wait_s=0.0, max_waiting=3)
+    with ThreadPoolExecutor(4) as pool:
+        busy = pool.submit(batcher.submit, ["a", "b"], GREEDY)
+        time.sleep(0.05)  # a, b in progress: nothing waits
+        queued = [pool.submit(batcher.submit, [name], GREEDY) for name in ("c", "d", "e")]
+        time.sleep(0.05)
+        started = time.perf_counter()
+        with pytest.raises(QueueFull, match="3 images are waiting .* the most this server queues is 3"):
+            batcher.submit(["f"], GREEDY)
+        assert time.perf_counter() - started < 0.05
+        assert busy.result() == ["caption of a (1 beams)", "caption of b (1 beams)"]
+        assert [q.result() for q in queued] == [[f"caption of {n} (1 beams)"] for n in "cde"]
+    assert batcher.submit(["g"], GREEDY) == ["caption of g (1 beams)"]
+    assert sorted(im for call in recorder.calls for im in call) == list("abcdeg")
+
+
+def test_a_request_larger_than_the_queue_is_taken_when_nothing_waits():
+    batcher = Batcher(Recorder(), max_images=2, max_wait_s=0.0, max_waiting=2)
+    assert len(batcher.submit(["a", "b", "c", "d"], GREEDY)) == 4
+
+
+def test_the_served_model_answers_a_full_queue_with_503_and_a_missed_deadline_with_504():
+    from mlflow.exceptions import MlflowException
+
+    from fashioncap.serving import Captioner
+
+    captioner = Captioner()
+    captioner.batcher = Batcher(Recorder(seconds=0.3), max_images=1, max_wait_s=0.0, max_waiting=1)
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(captioner._captions, ["a"], GREEDY, float("inf"))
+        time.sleep(0.05)
+        waiting = pool.submit(captioner._captions, ["b"], GREEDY, float("inf"))
+        time.sleep(0.05)
+        with pytest.raises(MlflowException) as full:
+            captioner._captions(["c"], GREEDY, float("inf"))
+        assert full.value.get_http_status_code() == 503 and "retry later" in full.value.message
+        captioner.batcher.max_waiting = None  # "d" queues behind "a" and "b", and its deadline passes there
+        with pytest.raises(MlflowException) as late:
+            captioner._captions(["d"], GREEDY, time.monotonic() + 0.05)
+        assert late.value.get_http_status_code() == 504
+        assert busy.result() == ["caption of a (1 beams)"] and waiting.result() == ["caption of b (1 beams)"]
