@@ -14,6 +14,9 @@ from .runtime import FashioncapError
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 CIDER_TAG, BLEU_TAG, DIGEST_TAG, RUN_TAG, COMMIT_TAG = "test_cider_d", "test_bleu_4", "data_digest", "run_id", "git_commit"
 PROFILE_TAG = "profile"
+# register's digest of what a version serves and was evaluated with (served config, test table): the same
+# run registered again with a different one is a new version
+REGISTRATION_TAG = "registration_digest"
 # Profiles whose models are demonstrations (a small model on a synthetic catalogue, the test suite's tiny
 # params): never a shop's champion by accident, whatever they score on their own test set.
 DEMO_PROFILES = ("offline",)
@@ -131,12 +134,16 @@ def rollback(client, name: str) -> list[str]:
     return moved
 
 
-def version_for_run(client, name: str, run_id: str):
-    """The version already registered from this run, if any (registration is idempotent)."""
+def version_for_run(client, name: str, run_id: str, registration: str | None = None):
+    """The newest version already registered from this run, if any; with `registration` (register's digest of
+    the served config and the evaluation), only one registered with exactly that (registration is idempotent,
+    and a change is a new version)."""
     from mlflow.exceptions import MlflowException
 
     try:
         found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
     except MlflowException:
         return None
+    if registration is not None:
+        found = [mv for mv in found if (mv.tags or {}).get(REGISTRATION_TAG) == registration]
     return max(found, key=lambda mv: int(mv.version)) if found else None

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from . import lineage, promotion, tracking
+from . import faults, lineage, promotion, tracking
 from .config import Params, load_params
 from .runtime import run_stage, stage_args
 
@@ -103,24 +104,40 @@ def log_lineage(client, run_id: str, model_dir: Path) -> None:
 
 
 def register(params: Params, run_id: str, model_dir: Path, data_dir: Path, table: dict):
-    """Logs and registers the model once per run, then points `candidate` at it; returns the version number."""
+    """Logs and registers the model once per run and registration (served config and evaluation: a change in
+    either is a new version), then points `candidate` at it; returns the version number."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking.tracking_uri())
     log_lineage(client, run_id, model_dir)
     name = params.registry.name
-    version = promotion.version_for_run(client, name, run_id)
+    registration = registration_digest(params, table)
+    version = promotion.version_for_run(client, name, run_id, registration)
     if version is not None:
-        log.info("run %s is already registered as %s version %s", run_id, name, version.version)
+        log.info("run %s is already registered as %s version %s with this served config and evaluation", run_id,
+                 name, version.version)
     else:
-        version = _log_and_register(params, run_id, model_dir, data_dir, table, client)
+        earlier = promotion.version_for_run(client, name, run_id)
+        if earlier is not None:
+            log.warning("run %s is registered as %s version %s with another served config or evaluation: "
+                        "registering a new version", run_id, name, earlier.version)
+        version = _log_and_register(params, run_id, model_dir, data_dir, table, client, registration)
     number = str(version.version)
     client.set_registered_model_alias(name, promotion.CANDIDATE, number)
     log.info("%s@%s -> version %s", name, promotion.CANDIDATE, number)
     return number
 
 
-def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Path, table: dict, client):
+def registration_digest(params: Params, table: dict) -> str:
+    """What a version of this run serves and was evaluated with: its served config (generation, limits,
+    batching, numerics) and the evaluation's table (test digest, scores)."""
+    payload = json.dumps({"serving_config": serving_config(params), "evaluation": table, "profile": params.profile},
+                         sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Path, table: dict, client,
+                      registration: str):
     import mlflow
 
     from . import serving
@@ -138,11 +155,14 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
             promotion.DIGEST_TAG: table["test_digest"], promotion.RUN_TAG: run_id, promotion.PROFILE_TAG: params.profile,
             "model_digest": run.data.tags.get("model.digest", "unknown"),
             promotion.COMMIT_TAG: run.data.tags.get("mlflow.source.git.commit", "unknown"),
+            promotion.REGISTRATION_TAG: registration,
             **{f"test_{m}": str(table["after"][m]) for m in ("rouge_l", "meteor") if m in table["after"]},
             **{f"test_attr_{kind}_f1": str(s["f1"]) for kind, s in table.get("attributes", {}).get("after", {}).items()
                if s["f1"] is not None}}
+    faults.point("register.logged")
     version = mlflow.register_model(info.model_uri, params.registry.name, tags=tags)
     client.update_model_version(params.registry.name, version.version, description=model_card(params, table, run))
+    faults.point("register.registered")
     return version
 
 

@@ -32,6 +32,25 @@ def test_register_is_idempotent_and_tags_the_version(registry_env, tiny_params):
     assert "Test CIDEr-D 0.010 -> 1.500" in mv.description and "Limitations" in mv.description
 
 
+def test_register_makes_a_new_version_when_the_served_config_or_the_evaluation_changed(registry_env, tiny_params):
+    import mlflow
+
+    client, model_dir, data_dir = registry_env
+    run_id = new_run(tiny_params)
+    assert register(tiny_params, run_id, model_dir, data_dir, table(1.5)) == "1"
+    wider = tiny_params.model_copy(update={"registry": tiny_params.registry.model_copy(update={"batch_wait_ms": 77})})
+    assert register(wider, run_id, model_dir, data_dir, table(1.5)) == "2"  # served config changed
+    assert register(wider, run_id, model_dir, data_dir, table(1.7)) == "3"  # a new evaluation
+    assert register(wider, run_id, model_dir, data_dir, table(1.7)) == "3"  # nothing changed: no new version
+    assert register(tiny_params, run_id, model_dir, data_dir, table(1.5)) == "1"  # back to the first: it again
+    versions = {str(mv.version): mv for mv in client.search_model_versions(f"name = '{NAME}'")}
+    assert sorted(versions, key=int) == ["1", "2", "3"]
+    assert versions["3"].tags[promotion.CIDER_TAG] == "1.7" and versions["2"].tags[promotion.CIDER_TAG] == "1.5"
+    served = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}/2")) / "artifacts" / "serving_config.json"
+    assert json.loads(served.read_text())["batch_wait_ms"] == 77
+    assert str(client.get_model_version_by_alias(NAME, promotion.CANDIDATE).version) == "1"
+
+
 def test_registry_model_loads_by_alias_and_captions_a_batch(registry_env, tiny_params):
     import mlflow
     import pandas as pd
@@ -42,8 +61,10 @@ def test_registry_model_loads_by_alias_and_captions_a_batch(registry_env, tiny_p
     model = mlflow.pyfunc.load_model(f"models:/{NAME}@{promotion.CANDIDATE}")
     captions = model.predict(pd.DataFrame({"image": [png_b64(), png_b64((0, 0, 200))]}))
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
-    beams = model.predict(pd.DataFrame({"image": [png_b64()]}), params={"num_beams": 2, "max_new_tokens": 3})
-    assert len(beams[0].split()) <= 3
+    short = model.predict(pd.DataFrame({"image": [png_b64()]}), params={"max_new_tokens": 3})
+    assert len(short[0].split()) <= 3  # less work than registered: taken
+    with pytest.raises(MlflowException, match=f"num_beams 2 is above the registered {tiny_params.generate.num_beams}"):
+        model.predict(pd.DataFrame({"image": [png_b64()]}), params={"num_beams": 2})
     with pytest.raises(MlflowException, match="image 1: invalid base64"):
         model.predict(pd.DataFrame({"image": [png_b64(), "%%%not base64"]}))
     requirements = mlflow.pyfunc.get_model_dependencies(f"models:/{NAME}/1")
