@@ -121,7 +121,9 @@ def confusions(vocabulary: Vocabulary, references: Sequence[Sequence[str]], capt
             for other_kind, instead in said - truth:
                 if other_kind == kind:
                     pairs[(kind, expected, instead)] += 1
-    return [{"type": k, "reference": e, "caption": i, "count": n} for (k, e, i), n in pairs.most_common(top)]
+    # ties by name: set order changes with each process's string hashing, and eval.json must not
+    ranked = sorted(pairs.items(), key=lambda item: (-item[1], item[0]))[:top]
+    return [{"type": k, "reference": e, "caption": i, "count": n} for (k, e, i), n in ranked]
 
 
 def flat(scores: dict[str, dict], suffix: str = "") -> dict[str, float]:

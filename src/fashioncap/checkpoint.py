@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from . import faults
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -87,6 +90,7 @@ def swap_in(staging: Path, directory: Path) -> None:
     recover(directory)
     if directory.exists():
         directory.rename(old)
+    faults.point("checkpoint.swap_between_renames")
     staging.rename(directory)
     shutil.rmtree(old, ignore_errors=True)
 
@@ -95,6 +99,7 @@ def save(directory: Path, tensors: dict, meta: dict) -> None:
     """Writes the checkpoint beside `directory` and swaps it in: a kill leaves the previous one whole."""
     staging = staging_for(directory)
     torch.save(tensors, staging / STATE_FILE)
+    faults.point("checkpoint.state_written")
     (staging / META_FILE).write_text(json.dumps(meta))
     swap_in(staging, directory)
 
@@ -111,5 +116,31 @@ def load(directory: Path, expected_fingerprint: str) -> tuple[dict, dict] | None
     return torch.load(directory / STATE_FILE, weights_only=True), meta
 
 
+def publish(source: Path, directory: Path) -> None:
+    """Puts a complete copy of `source` in place of `directory` (hard links where the file system allows,
+    so no bytes are copied) and leaves `source` whole: a kill before the caller discards the checkpoint
+    that holds `source` leaves both, and the re-run publishes again (a move would leave a checkpoint to
+    resume from without the best model it must publish)."""
+    staging = staging_for(directory)
+    shutil.rmtree(staging)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, staging, copy_function=link)
+    swap_in(staging, directory)
+
+
 def discard(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
+    """Removes a checkpoint folder at once: renamed aside first (one atomic step), then deleted, so a kill
+    never leaves a half-deleted checkpoint that looks resumable."""
+    if directory.exists():
+        gone = directory.with_name(directory.name + ".discarded")
+        shutil.rmtree(gone, ignore_errors=True)
+        directory.rename(gone)
+        faults.point("checkpoint.discard_renamed")
+        shutil.rmtree(gone, ignore_errors=True)
+    shutil.rmtree(directory.with_name(directory.name + ".discarded"), ignore_errors=True)

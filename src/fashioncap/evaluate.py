@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+from . import faults
 from .config import Params, load_params
 from .attributes import Vocabulary, attribute_scores, confusions
 from .metrics import Meteor, caption_scores, per_item_cider_d
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     metrics.write_text(json.dumps(table, indent=2) + "\n")
     preds.parent.mkdir(parents=True, exist_ok=True)
     preds.write_text("".join(json.dumps(p) + "\n" for p in predictions))
+    faults.point("evaluate.written")
     with tracking.resume_run(tracking.read_run_ref(args.run_ref)):
         import mlflow
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from . import faults
 from .config import DataParams, ModelParams, Params, load_params
 from .data import SPLITS, TOKEN_LENGTHS, DataSourceError, check_source, RawItem, clean_caption, read_source, split_of
 from .imaging import ImageInputError, decode_image, encode_image, to_model_image
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                               "fractions (data.val_fraction, data.test_fraction)")
     lengths = token_lengths(params.model, rows, processor)
     save(rows, rejected, args.out, lengths)
+    faults.point("prepare.saved")
     summary = summarise(rows, rejected)
     summary["caption_tokens"] = {k: v for k, v in lengths.items() if k != "counts"}
     args.metrics.parent.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from .config import load_params
 from .runtime import run_stage, stage_args
-from . import tracking
+from . import faults, tracking
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
                   args.loss_curve.read_bytes() if args.loss_curve.is_file() else None, meta)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(page, encoding="utf-8")
+    faults.point("report.written")
     with tracking.resume_run(run_id):
         import mlflow
 

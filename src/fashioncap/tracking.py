@@ -13,6 +13,7 @@ from .runtime import project_root
 
 log = logging.getLogger(__name__)
 FINGERPRINT_TAG = "fingerprint."
+PROCESS_TAG = "fashioncap.process"  # host:pid:start of the process that has the run open
 
 
 def tracking_uri() -> str:
@@ -67,10 +68,58 @@ def run_name(params: Params) -> str:
     return f"{exp}-{params.profile}-{model}-lr{params.train.lr:g}"
 
 
+def this_process() -> str:
+    """The process writing to a run, as host:pid:start-time (a pid alone may be reused)."""
+    import socket
+
+    import psutil
+
+    me = psutil.Process()
+    return f"{socket.gethostname()}:{me.pid}:{me.create_time():.2f}"
+
+
+def _alive(process: str) -> bool | None:
+    """Whether the process named by this_process() still runs; None when it ran on another host."""
+    import socket
+
+    import psutil
+
+    try:
+        host, pid, created = process.rsplit(":", 2)
+        if host != socket.gethostname():
+            return None
+        return abs(psutil.Process(int(pid)).create_time() - float(created)) < 0.05
+    except psutil.NoSuchProcess:
+        return False
+    except (ValueError, psutil.Error):
+        return None
+
+
+def reap_killed_runs(experiment: str) -> list[str]:
+    """Ends as KILLED the runs of this experiment that a process of this host left RUNNING and no longer
+    runs (a SIGKILL, a lost machine's power: nothing ended them); returns their ids. Runs of live
+    processes, and of other hosts, are left as they are."""
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    reaped = []
+    for run in client.search_runs([found.experiment_id], "attributes.status = 'RUNNING'", max_results=1000):
+        process = run.data.tags.get(PROCESS_TAG)
+        if process and _alive(process) is False:
+            client.set_terminated(run.info.run_id, "KILLED")
+            reaped.append(run.info.run_id)
+            log.warning("run %s was left RUNNING by %s, which is gone (killed): marked KILLED", run.info.run_id,
+                        process)
+    return reaped
+
+
 def start_run(params: Params, extra_tags: dict[str, str] | None = None):
     """Starts the pipeline's run, tagged with its lineage, and logs every parameter (flattened)."""
     mlflow = _mlflow()
-    tags = {**run_tags(params), **lineage.git_state(Path.cwd()), **(extra_tags or {})}
+    reap_killed_runs(params.tracking.experiment)
+    tags = {**run_tags(params), **lineage.git_state(Path.cwd()), **(extra_tags or {}), PROCESS_TAG: this_process()}
     # system metrics (CPU, memory, disk, network; GPU through nvidia-ml-py) sampled while training runs
     run = mlflow.start_run(experiment_id=experiment_id(params.tracking.experiment), run_name=run_name(params),
                            tags=tags, log_system_metrics=True)
@@ -120,8 +169,12 @@ def log_dataset(data_dir: Path, context: str) -> str:
 
 
 def resume_run(run_id: str, system_metrics: bool = False):
-    """Reopens the pipeline's run (started by the train stage)."""
-    return _mlflow().start_run(run_id=run_id, log_system_metrics=system_metrics)
+    """Reopens the pipeline's run (started by the train stage), as this process's: a kill leaves it RUNNING
+    with this process named, for the next stage or run to mark KILLED."""
+    mlflow = _mlflow()
+    run = mlflow.start_run(run_id=run_id, log_system_metrics=system_metrics)
+    mlflow.set_tag(PROCESS_TAG, this_process())
+    return run
 
 
 def write_run_ref(path: Path, run_id: str, experiment: str) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import faults
 from .config import Params, TrainParams, load_params
 from .data import TOKEN_LENGTHS, DataSourceError
 from .metrics import caption_scores
@@ -349,6 +350,7 @@ def resume_or_start(job: Job, data_dir: Path, out: Outputs, lengths: dict) -> tu
         out.fingerprint.parent.mkdir(parents=True, exist_ok=True)
         out.fingerprint.write_text(json.dumps(machine, indent=2) + "\n")
         tracking.write_run_ref(out.run_ref, state.run.info.run_id, params.tracking.experiment)
+        faults.point("train.started")
     return state, rng
 
 
@@ -550,7 +552,10 @@ def finish(job: Job, state: RunState, out: Outputs, stop_reason: str, pace: "Pac
     }
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        checkpoint.swap_in(out.checkpoint_dir / "best", out.model_dir)  # a rename: the output appears whole or not at all
+        # a copy swapped in (the output appears whole or not at all), the checkpoint's best left whole until the
+        # checkpoint is discarded: a kill in between re-runs from the checkpoint and publishes again
+        checkpoint.publish(out.checkpoint_dir / "best", out.model_dir)
+        faults.point("train.published")
         _finish(summary, state.train_log, state.tracker.history, out, job.params.model.label_smoothing)
         checkpoint.discard(out.checkpoint_dir)  # finished: the next run starts afresh
     accelerator.end_training()

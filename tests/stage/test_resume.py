@@ -14,16 +14,20 @@ import pytest
 import torch
 import yaml
 
-from fashioncap import checkpoint
+from fashioncap import checkpoint, faults
 from tests.conftest import train_command
 
 pytestmark = pytest.mark.slow
 
 
-def start(workdir: Path, params: Path, data_dir: Path) -> subprocess.Popen:
+def start(workdir: Path, params: Path, data_dir: Path, kill_at: str | None = None) -> subprocess.Popen:
+    """The train stage in a process group of its own (a fault point kills its whole group)."""
     workdir.mkdir(exist_ok=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workdir / 'mlflow.db'}"}
-    return subprocess.Popen(train_command(workdir, params, data_dir), cwd=workdir, env=env,
+    env.pop(faults.ENV, None)
+    if kill_at:
+        env[faults.ENV] = kill_at
+    return subprocess.Popen(train_command(workdir, params, data_dir), cwd=workdir, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=open(workdir / "stderr.log", "a"))
 
 
@@ -35,6 +39,9 @@ def checkpoint_step(workdir: Path) -> int:
 
 
 STEPS = 28  # killed after the checkpoint of step 12: evaluations before and after the resume
+# the fault points inside a checkpoint's write and swap, walked here on the train stage alone (a kill after a
+# whole checkpoint is the test above)
+CHECKPOINT_POINTS = ("checkpoint.state_written", "checkpoint.swap_between_renames")
 
 
 @pytest.fixture
@@ -85,6 +92,29 @@ def test_killed_training_resumes_to_bit_identical_results(tmp_path, long_params,
     runs = client.search_runs([client.get_experiment_by_name("fashioncap").experiment_id])
     assert [r.info.run_id for r in runs] == [run_id] and runs[0].info.status == "FINISHED"
     assert {m.step for m in client.get_metric_history(run_id, "train_loss")} == set(range(1, STEPS + 1))
+
+
+
+def test_killed_at_each_checkpoint_fault_point_in_turn_training_ends_as_if_never_killed(tmp_path, write_params,
+                                                                                         tiny_raw, tiny_model):
+    """The fault points inside a checkpoint's write and swap (tests/e2e/test_kill_anywhere.py walks the
+    pipeline's), each re-run going on from what the last left; the tiny params' 12 steps, a checkpoint every
+    4 and an evaluation every 6."""
+    _, data_dir = tiny_model
+    params = write_params(tiny_raw)
+    straight, walked = tmp_path / "straight", tmp_path / "walked"
+    assert start(straight, params, data_dir).wait(timeout=600) == 0
+    for point in CHECKPOINT_POINTS:
+        killed = start(walked, params, data_dir, kill_at=point)
+        assert killed.wait(timeout=600) == -signal.SIGKILL, f"not killed at {point}"
+        for output in ("best", "run.json"):  # as DVC deletes them before the re-run
+            shutil.rmtree(walked / output) if (walked / output).is_dir() else (walked / output).unlink(missing_ok=True)
+    assert start(walked, params, data_dir).wait(timeout=600) == 0, (walked / "stderr.log").read_text()[-3000:]
+    for name in ("train_log.csv", "val_log.csv"):
+        assert (walked / name).read_text() == (straight / name).read_text(), name
+    assert (walked / "best/model.safetensors").read_bytes() == (straight / "best/model.safetensors").read_bytes()
+    assert not (walked / "ckpt").exists()
+
 
 
 def test_a_swap_replaces_the_folder_whole_and_leaves_nothing_beside_it(tmp_path):

@@ -58,3 +58,31 @@ def test_a_phrase_with_two_meanings_is_refused(tmp_path):
     path.write_text("colour: [red]\n")
     with pytest.raises(VocabularyError, match="expected a mapping of attributes"):
         Vocabulary.load(path)
+
+
+CONFUSIONS_IN_A_PROCESS = """
+import json
+from fashioncap.attributes import Vocabulary, confusions
+from tests.conftest import REPO
+vocabulary = Vocabulary.load(REPO / "conf" / "attributes.yaml")
+refs = [["a black leather bag with gold buckle"], ["a navy cotton dress"], ["a grey wool coat"], ["red suede shoes"]]
+said = ["a brown canvas bag with silver buckle", "a white linen dress", "a green denim coat", "blue canvas shoes"]
+print(json.dumps(confusions(vocabulary, refs, said, top=4)))
+"""
+
+
+def test_tied_confusions_come_out_in_the_same_order_in_every_process():
+    """Equal counts are ranked by name: sets iterate in an order of each process's string hashing, and
+    eval.json is a DVC metric that must not change when nothing did (the kill test found it)."""
+    import os
+    import subprocess
+    import sys
+
+    outs = {subprocess.run([sys.executable, "-c", CONFUSIONS_IN_A_PROCESS], capture_output=True, text=True, check=True,
+                           cwd=REPO, env={**os.environ, "PYTHONHASHSEED": str(seed)}).stdout for seed in (1, 2, 3, 4)}
+    assert len(outs) == 1, outs
+    import json
+
+    ranked = json.loads(outs.pop())
+    assert len(ranked) == 4 and all(r["count"] == 1 for r in ranked)
+    assert ranked == sorted(ranked, key=lambda r: (r["type"], r["reference"], r["caption"]))
