@@ -24,13 +24,14 @@ python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version
 
 started=$(date +%s)
 without_dvc=$(command -v dvc >/dev/null && git rev-parse --git-dir >/dev/null 2>&1 || echo --without-dvc)
-timeout 330 python -m fashioncap.cli rehearse --size full $without_dvc --hf-home "${TMPDIR:-/tmp}/fashioncap-hf-standins" \
+timeout 330 python -m fashioncap.cli rehearse --size full --keep $without_dvc --hf-home "${TMPDIR:-/tmp}/fashioncap-hf-standins" \
   --set train.batch_size=32 --set train.max_steps=120 --set train.eval_every=60 \
   --set train.checkpoint_every=60 --set train.eval_samples=32 --set train.log_every=20 --set train.num_workers=2 \
   --set generate.batch_size=16 --set evaluate.max_items=40 || echo "# the rehearsal failed"
 python - <<'PY' || true
-import json
-train, ev = json.load(open("metrics/train.json")), json.load(open("metrics/eval.json"))
+import json, pathlib
+work = pathlib.Path(json.load(open("reports/rehearsal-full.json"))["worktree"])  # the rehearsal's own work tree
+train, ev = json.load(open(work / "metrics/train.json")), json.load(open(work / "metrics/eval.json"))
 print(json.dumps({"rehearsal_train": train, "rehearsal_test_items": ev["test_items"]}))
 PY
 echo "# full-size rehearsal: $(( $(date +%s) - started )) s"

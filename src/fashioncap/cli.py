@@ -67,22 +67,27 @@ def cmd_rehearse(args) -> int:
 
     logging.getLogger("fashioncap").setLevel(logging.INFO)  # minutes of work: say which stage runs
     root = project_root()
-    hf_home = Path(args.hf_home).resolve() if args.hf_home else Path.home() / ".cache" / "fashioncap" / f"hf-standins-{args.size}"
+    from .rehearsal import check_hf_home, default_hf_home
+
+    hf_home = Path(args.hf_home).resolve() if args.hf_home else default_hf_home(args.size)
     if args.build_only:
         from .rehearsal import SIZES
         from .standins import build
 
+        check_hf_home(hf_home, args.size)
         shape = SIZES[args.size]
         print(json.dumps(build(hf_home, shape["shrunk"], shape["items"], shape["shards"], shape["image_size"]), indent=2))
         print(f"run the default profile on them with: HF_HOME={hf_home} HF_HUB_OFFLINE=1 dvc exp run -S profile=default "
               "-S train.allow_cpu=true ...", file=sys.stderr)
         return 0
-    result = rehearse(root, args.size, hf_home, args.serve, args.port, args.set or [], use_dvc=not args.without_dvc)
+    result = rehearse(root, args.size, hf_home, args.serve, args.port, args.set or [], use_dvc=not args.without_dvc,
+                      keep=args.keep)
     out = root / "reports" / f"rehearsal-{args.size}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))
-    print(f"all figures: {out}")
+    print(f"all figures: {out}" + (f"; the rehearsal's work tree (outputs, mlflow.db): {result['worktree']}"
+                                   if result["worktree"] else ""))
     return 0 if result.get("serving", {}).get("status", 200) == 200 else 1
 
 
@@ -308,6 +313,8 @@ def parser() -> argparse.ArgumentParser:
     rehearse.add_argument("--without-dvc", action="store_true",
                           help="run the stages' commands from dvc.yaml as plain processes (a machine without DVC)")
     rehearse.add_argument("--set", action="append", metavar="KEY=VALUE", help="another `dvc exp run -S` override")
+    rehearse.add_argument("--keep", action="store_true",
+                          help="keep the temporary work tree it ran in (its outputs, DVC experiment and MLflow store)")
     rehearse.set_defaults(func=cmd_rehearse)
     caption = sub.add_parser("caption", help="caption image files or folders with a registry model")
     caption.add_argument("paths", nargs="+")

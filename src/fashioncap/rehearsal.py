@@ -2,7 +2,10 @@
 
 Builds the stand-ins of `standins.py` in a Hugging Face home of its own (never the user's cache: the
 stand-ins carry the real repository ids), then runs the default profile through `dvc exp run` with
-`HF_HOME=<that folder> HF_HUB_OFFLINE=1` and only the step counts made tiny, and measures each stage:
+`HF_HOME=<that folder> HF_HUB_OFFLINE=1` and only the step counts made tiny, and measures each stage.
+It runs in isolation: a temporary copy of the work tree (its params.yaml, outputs and DVC experiments, not
+yours), an MLflow store in that copy (whatever MLFLOW_TRACKING_URI says: a random-weights stand-in must never
+become a team's champion) and a registry name of its own. Per stage it measures
 wall time, peak memory of the stage's processes, and how much the repository grew. With `--serve` it
 then promotes the new version, serves it with `fashioncap serve` and sends one request of the most
 images the served model accepts, at catalogue size.
@@ -59,10 +62,75 @@ class StageFigures:
     repo_bytes_after: int
 
 
-def environment(hf_home: Path) -> dict[str, str]:
-    """The environment of a machine whose Hugging Face cache holds the stand-ins, with the Hub unreachable."""
-    return {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "HF_DATASETS_CACHE": str(hf_home / "datasets"), "PYTHONUNBUFFERED": "1"}
+REGISTRY_NAME = "fashion-captioner-rehearsal"
+MARKER = ".fashioncap-standins"  # in a Hugging Face home the rehearsal made: one it may write into
+
+
+def environment(hf_home: Path, work: Path) -> dict[str, str]:
+    """The environment of a machine whose Hugging Face cache holds the stand-ins, with the Hub unreachable,
+    and an MLflow store of the rehearsal's own in its work tree (no tracking or registry server, no
+    credentials of the user's)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DATABRICKS_"))}
+    return {**env, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "HF_DATASETS_CACHE": str(hf_home / "datasets"), "PYTHONUNBUFFERED": "1",
+            "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}"}
+
+
+def default_hf_home(size: str) -> Path:
+    return Path.home() / ".cache" / "fashioncap" / f"hf-standins-{size}"
+
+
+def check_hf_home(hf_home: Path, size: str) -> None:
+    """Refuses a Hugging Face home that is the user's own cache, or a folder with other content (the default
+    folder of the rehearsal excepted): the stand-ins carry the real repository ids (and `refs/main`), so they
+    would shadow the real downloads."""
+    from huggingface_hub import constants
+
+    users = {Path(constants.HF_HOME).expanduser().resolve(), (Path.home() / ".cache" / "huggingface").resolve()}
+    if hf_home.resolve() in users:
+        raise RehearsalError(f"--hf-home {hf_home} is your Hugging Face cache: the stand-ins would shadow the real "
+                             "model and dataset there. Give the rehearsal a folder of its own.")
+    ours = hf_home.resolve() == default_hf_home(size).resolve() or (hf_home / MARKER).is_file()
+    if hf_home.is_dir() and any(hf_home.iterdir()) and not ours:
+        raise RehearsalError(f"--hf-home {hf_home} holds files the rehearsal did not make: give it an empty or new "
+                             "folder (it writes stand-ins under the real repository ids)")
+    hf_home.mkdir(parents=True, exist_ok=True)
+    (hf_home / MARKER).write_text("stand-ins of `fashioncap rehearse`\n")
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout
+
+
+# what a copy of a work tree without git leaves out: outputs, caches, stores and environments
+_NOT_COPIED = (".git", ".venv", "venv", ".dvc/cache", ".dvc/tmp", "data/prepared", "models", "mlruns", "mlflow.db",
+               "checkpoints", "reports", "metrics")
+
+
+def work_tree_copy(repo: Path, dest: Path) -> Path:
+    """A copy of the work tree as it is (committed, changed and new files) at `dest`, its own git repository
+    (a clone: its own DVC experiments) where `repo` is one, a plain copy of its files otherwise."""
+    import shutil
+
+    try:
+        _git(repo, "rev-parse", "--git-dir")
+    except (OSError, subprocess.CalledProcessError):
+        def ignore(folder: str, names: list[str]) -> set[str]:
+            rel = Path(folder).relative_to(repo)
+            return {n for n in names if (rel / n).as_posix().removeprefix("./") in _NOT_COPIED}
+
+        shutil.copytree(repo, dest, ignore=ignore, symlinks=True)
+        return dest
+    subprocess.run(["git", "clone", "-q", str(repo), str(dest)], check=True, capture_output=True)
+    changed = _git(repo, "ls-files", "-z", "--modified", "--others", "--exclude-standard").split("\0")
+    for name in filter(None, changed):
+        source, target = repo / name, dest / name
+        if source.is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    for name in filter(None, _git(repo, "ls-files", "-z", "--deleted").split("\0")):
+        (dest / name).unlink(missing_ok=True)
+    return dest
 
 
 def tree_bytes(folder: Path) -> int:
@@ -223,18 +291,35 @@ def serve_full_request(repo: Path, env: dict, images: list[bytes], port: int, ti
         server.wait(timeout=60)
 
 
-def rehearse(repo: Path, size: str, hf_home: Path, serve: bool, port: int, extra: list[str],
-             use_dvc: bool = True) -> dict:
-    """Builds the stand-ins, runs the pipeline on them (and serves the result); returns every figure."""
+def rehearse(user_repo: Path, size: str, hf_home: Path, serve: bool, port: int, extra: list[str],
+             use_dvc: bool = True, keep: bool = False) -> dict:
+    """Builds the stand-ins, runs the pipeline on them in a temporary copy of the work tree (and serves the
+    result); returns every figure, and the copy's path when `keep`, else removes the copy."""
+    import shutil
+    import tempfile
+
+    check_hf_home(hf_home, size)
+    work = Path(tempfile.mkdtemp(prefix=f"fashioncap-rehearsal-{size}-"))
+    try:
+        repo = work_tree_copy(user_repo, work / "repo")
+        result = _rehearse(repo, size, hf_home, serve, port, extra, use_dvc)
+        result["worktree"] = str(repo) if keep else None
+        return result
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _rehearse(repo: Path, size: str, hf_home: Path, serve: bool, port: int, extra: list[str], use_dvc: bool) -> dict:
     from . import standins
 
     shape = SIZES[size]
     started = time.monotonic()
     built = standins.build(hf_home, shape["shrunk"], shape["items"], shape["shards"], shape["image_size"])
     build_seconds = round(time.monotonic() - started, 1)
-    env = environment(hf_home)
+    env = environment(hf_home, repo)
     before = tree_bytes(repo)
-    overrides = [*STEP_OVERRIDES[size], *extra]
+    overrides = [*STEP_OVERRIDES[size], f"registry.name={REGISTRY_NAME}", *extra]
     stages = (run_pipeline(repo, env, overrides, f"rehearsal-{size}") if use_dvc
               else run_without_dvc(repo, env, overrides))
     model, prepared = tree_bytes(repo / "models" / "best"), tree_bytes(repo / "data" / "prepared")
