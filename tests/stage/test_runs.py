@@ -8,7 +8,11 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from fashioncap import tracking
+
+pytestmark = pytest.mark.slow  # a process that opens a run is started and killed
 
 OPEN_A_RUN_AND_WAIT = """
 import sys, time, mlflow
