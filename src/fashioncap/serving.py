@@ -120,8 +120,9 @@ class Batcher:
             job.done.cancel()  # not computed if its batch has not started; if it has, the result is dropped
             raise DeadlineExceeded("the request's deadline passed before its captions were computed") from None
 
-    def _take(self) -> Job:
-        job = self._queue.get()
+    def _take(self, timeout: float | None = None) -> Job:
+        """The next job off the queue (queue.Empty after `timeout`); its images no longer count as waiting."""
+        job = self._queue.get(timeout=timeout)
         with self._lock:
             self._waiting -= len(job.images)
         return job
@@ -131,15 +132,9 @@ class Batcher:
         count, deadline = len(jobs[0].images), time.monotonic() + self.max_wait_s
         while count < self.max_images:
             try:
-                remaining = max(0.0, deadline - time.monotonic())
-                if remaining <= 0 and self._queue.empty():
-                    break
-                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+                jobs.append(self._take(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
-            with self._lock:
-                self._waiting -= len(job.images)
-            jobs.append(job)
             count += len(jobs[-1].images)
         return jobs
 
