@@ -143,3 +143,25 @@ def test_the_served_model_answers_a_full_queue_with_503_and_a_missed_deadline_wi
             captioner._captions(["d"], GREEDY, time.monotonic() + 0.05)
         assert late.value.get_http_status_code() == 504
         assert busy.result() == ["caption of a (1 beams)"] and waiting.result() == ["caption of b (1 beams)"]
+
+
+def test_a_server_without_batching_bounds_the_images_in_progress_too():
+    """`--batch-size 1`: requests run side by side, at most `max_queued` images at once; beyond that 503."""
+    from mlflow.exceptions import MlflowException
+
+    from fashioncap.serving import Captioner
+
+    captioner = Captioner()
+    captioner.batcher, captioner.max_queued, captioner._in_flight = None, 2, 0
+    captioner._in_flight_lock, captioner._caption = threading.Lock(), Recorder(seconds=0.3)
+    with ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(captioner._captions, ["a", "b"], GREEDY, float("inf"))
+        time.sleep(0.05)
+        with pytest.raises(MlflowException) as full:
+            captioner._captions(["c"], GREEDY, float("inf"))
+        assert full.value.get_http_status_code() == 503
+        assert busy.result() == ["caption of a (1 beams)", "caption of b (1 beams)"]
+    assert captioner._captions(["d"], GREEDY, float("inf")) == ["caption of d (1 beams)"]  # drained
+    with pytest.raises(MlflowException) as late:
+        captioner._captions(["e"], GREEDY, time.monotonic() - 1)
+    assert late.value.get_http_status_code() == 504 and ["e"] not in captioner._caption.calls
