@@ -122,7 +122,6 @@ def publish(source: Path, directory: Path) -> None:
     that holds `source` leaves both, and the re-run publishes again (a move would leave a checkpoint to
     resume from without the best model it must publish)."""
     staging = staging_for(directory)
-    shutil.rmtree(staging)
 
     def link(src: str, dst: str) -> None:
         try:
@@ -130,17 +129,16 @@ def publish(source: Path, directory: Path) -> None:
         except OSError:
             shutil.copy2(src, dst)
 
-    shutil.copytree(source, staging, copy_function=link)
+    shutil.copytree(source, staging, copy_function=link, dirs_exist_ok=True)
     swap_in(staging, directory)
 
 
 def discard(directory: Path) -> None:
     """Removes a checkpoint folder at once: renamed aside first (one atomic step), then deleted, so a kill
     never leaves a half-deleted checkpoint that looks resumable."""
+    gone = directory.with_name(directory.name + ".discarded")
     if directory.exists():
-        gone = directory.with_name(directory.name + ".discarded")
         shutil.rmtree(gone, ignore_errors=True)
         directory.rename(gone)
         faults.point("checkpoint.discard_renamed")
-        shutil.rmtree(gone, ignore_errors=True)
-    shutil.rmtree(directory.with_name(directory.name + ".discarded"), ignore_errors=True)
+    shutil.rmtree(gone, ignore_errors=True)  # also what a kill here left
