@@ -115,7 +115,8 @@ def prediction_table(predictions: list[dict], images: list, limit: int) -> dict[
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_args(__doc__, argv, "data", "model_dir", "run_ref", "metrics", "predictions", "attributes")
+    args = stage_args(__doc__, argv, "data", "model_dir", "run_ref", "metrics", "predictions", "attributes",
+                      "eval_run_ref")
     params = load_params(args.params)
     fingerprint.pin(params.numerics.cpu_kernels, params.numerics.threads)  # before torch computes anything
     vocabulary = Vocabulary.load(args.attributes)
@@ -130,19 +131,23 @@ def main(argv: list[str] | None = None) -> None:
     preds.parent.mkdir(parents=True, exist_ok=True)
     preds.write_text("".join(json.dumps(p) + "\n" for p in predictions))
     faults.point("evaluate.written")
-    with tracking.resume_run(tracking.read_run_ref(args.run_ref)):
+    logged = tracking.mlflow_metrics(table)
+    run_id = tracking.stage_run(params, tracking.read_run_ref(args.run_ref), "evaluate",
+                                inherit_metric=lambda key: key not in logged and not key.startswith("test_"))
+    with tracking.resume_run(run_id):
         import mlflow
 
         # captions are generated in the training's precision, resolved here: a machine without native bf16
         # (or one pinned below it) evaluates in fp32 and the fingerprint says so
         machine = fingerprint.fingerprint(Path.cwd(), mixed_precision(params.train.mixed_precision))
         tracking.check_machine(mlflow.active_run().info.run_id, machine, "changed_in_evaluate", "evaluating")
-        mlflow.log_metrics(tracking.mlflow_metrics(table))
+        mlflow.log_metrics(logged)
         mlflow.log_artifact(str(metrics))
         mlflow.log_artifact(str(preds))
         if params.evaluate.table_images:
             mlflow.log_table(prediction_table(predictions, images, params.evaluate.table_images),
                              artifact_file="predictions_table.json")
+    tracking.write_run_ref(args.eval_run_ref, run_id, json.loads(args.run_ref.read_text())["experiment"])
     b, a = table["before"], table["after"]
     log.info("test CIDEr-D %.3f -> %.3f, BLEU-4 %.3f -> %.3f (%d items, %d with a caption unseen in training)",
              b["cider_d"], a["cider_d"], b["bleu_4"], a["bleu_4"], table["test_items"], table["novel_items"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import faults, lineage, promotion, tracking
 from .config import Params, load_params
-from .runtime import run_stage, stage_args
+from .runtime import FashioncapError, run_stage, stage_args
 
 log = logging.getLogger(__name__)
 
@@ -142,15 +142,23 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
 
     from . import serving
 
+    from mlflow.exceptions import MlflowException
+
     run = client.get_run(run_id)
     with tempfile.TemporaryDirectory() as tmp, tracking.resume_run(run_id):
         config = Path(tmp) / "serving_config.json"
         config.write_text(json.dumps(serving_config(params), indent=2))
-        info = mlflow.pyfunc.log_model(
-            name="captioner", python_model=serving.__file__, code_paths=[str(Path(__file__).parent)],
-            artifacts={"blip": str(model_dir), "serving_config": str(config)},
-            signature=signature(params), input_example=input_example(data_dir),
-            pip_requirements=pip_requirements())
+        try:
+            info = mlflow.pyfunc.log_model(
+                name="captioner", python_model=serving.__file__, code_paths=[str(Path(__file__).parent)],
+                artifacts={"blip": str(model_dir), "serving_config": str(config)},
+                signature=signature(params), input_example=input_example(data_dir),
+                pip_requirements=pip_requirements())
+        except (MlflowException, OSError) as error:  # requests' errors are OSErrors
+            raise FashioncapError(
+                f"the model could not be stored in run {run_id}'s artifact store ({str(error)[:400]}). Nothing "
+                f"was registered: run the stage again (`dvc repro`) once the store ({tracking.tracking_uri()} and "
+                "the artifact storage behind it) answers") from error
     tags = {promotion.CIDER_TAG: str(table["after"]["cider_d"]), promotion.BLEU_TAG: str(table["after"]["bleu_4"]),
             promotion.DIGEST_TAG: table["test_digest"], promotion.RUN_TAG: run_id, promotion.PROFILE_TAG: params.profile,
             "model_digest": run.data.tags.get("model.digest", "unknown"),
@@ -170,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     args = stage_args(__doc__, argv, "data", "model_dir", "run_ref", "eval", "out")
     params = load_params(args.params)
     table = json.loads(args.eval.read_text())
-    run_id = tracking.read_run_ref(args.run_ref)
+    run_id = tracking.stage_run(params, tracking.read_run_ref(args.run_ref), "register")
     version = register(params, run_id, args.model_dir, args.data, table)
     args.out.write_text(json.dumps({"name": params.registry.name, "version": version,
                                           "run_id": run_id}, indent=2) + "\n")

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     predictions = [json.loads(line) for line in args.predictions.read_text().splitlines() if line.strip()]
     gallery = select_gallery(predictions, params.report.gallery_items, params.seed)
     images = stored_test_images(args.data, {p["key"] for items in gallery.values() for p in items})
-    run_id = tracking.read_run_ref(args.run_ref)
+    run_id = tracking.stage_run(params, tracking.read_run_ref(args.run_ref), "report")
     meta = {"run": run_id, "profile": params.profile, "model": params.model.init, "data": params.data.hub_id
             if params.data.source == "hub" else params.data.source}
     page = render(f"fashioncap report: {params.tracking.experiment}", json.loads(args.eval.read_text()),

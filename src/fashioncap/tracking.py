@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 from . import fingerprint, lineage
@@ -125,6 +127,72 @@ def start_run(params: Params, extra_tags: dict[str, str] | None = None):
                            tags=tags, log_system_metrics=True)
     mlflow.log_params({k: "null" if v is None else v for k, v in flatten(params).items()})
     return run
+
+
+STAGE_PARAM = "fashioncap.stage."  # + stage: the digest of the params that stage logged into the run with
+_NOT_INHERITED = ("mlflow.runName", "mlflow.parentRunId", "mlflow.log-model.history", PROCESS_TAG)
+
+
+def declared_params(stage: str) -> list[str]:
+    """The params dvc.yaml declares for a stage: what decides whether DVC runs it again. The stage's own
+    dvc.yaml (DVC runs stages at the root of the copy it executes), else the one beside this package."""
+    import yaml
+
+    found = [p for p in (Path.cwd() / "dvc.yaml", Path(__file__).resolve().parents[2] / "dvc.yaml") if p.is_file()]
+    if not found:
+        raise FileNotFoundError("no dvc.yaml in the working directory or beside the package: the pipeline's stages "
+                                "run from the repository's root")
+    stages = yaml.safe_load(found[0].read_text())["stages"]
+    return [p for p in stages[stage].get("params", []) if isinstance(p, str)]
+
+
+def stage_run(params: Params, run_id: str, stage: str, inherit_metric=lambda key: True) -> str:
+    """The run a later stage (evaluate, report, register) logs into: one run per pipeline execution.
+
+    The stage logs into `run_id` (the training run, or the evaluation run before it) when that run's params
+    agree with the stage's declared ones and no execution with other such params has logged into it. An
+    experiment that changes only later stages' params finds the train stage skipped or restored, so its
+    stages would write over the earlier execution's metrics and artifacts there; instead it gets a run of its
+    own, nested under that run in the UI and tagged with it (`mlflow.parentRunId`), holding the earlier run's
+    params and metrics (those `inherit_metric` keeps) beside its own. The claim is a param (MLflow never
+    changes a param's value), so parallel workers cannot both take the same run. Re-runs of the same
+    execution find their run again."""
+    from mlflow.entities import Metric, Param
+    from mlflow.exceptions import MlflowException
+
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    own = {k: "null" if v is None else str(v) for k, v in flatten(params).items() if k in set(declared_params(stage))}
+    digest = hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()[:16]
+    claim = STAGE_PARAM + stage
+    parent = client.get_run(run_id)
+    if all(parent.data.params.get(k, v) == v for k, v in own.items()):
+        try:
+            client.log_param(run_id, claim, digest)
+        except MlflowException:
+            pass  # another execution claimed it first (or this one did, with the same digest)
+        if client.get_run(run_id).data.params.get(claim) == digest:
+            client.log_batch(run_id, params=[Param(k, v) for k, v in own.items() if k not in parent.data.params])
+            return run_id
+    experiment = parent.info.experiment_id
+    for child in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000):
+        if child.data.params.get(claim) == digest:
+            log.info("%s logs into run %s, this execution's own (nested under %s)", stage, child.info.run_id, run_id)
+            return child.info.run_id
+    tags = {k: v for k, v in parent.data.tags.items() if k not in _NOT_INHERITED}
+    tags.update({**run_tags(params), **lineage.git_state(Path.cwd()), "mlflow.parentRunId": run_id,
+                 PROCESS_TAG: this_process()})
+    name = f"{parent.data.tags.get('mlflow.runName', run_id[:8])}+{stage}-{digest[:6]}"
+    child = client.create_run(experiment, run_name=name, tags=tags).info.run_id
+    inherited = [Param(k, v) for k, v in parent.data.params.items() if k not in own and not k.startswith(STAGE_PARAM)]
+    mine = [*inherited, *(Param(k, v) for k, v in own.items()), Param(claim, digest)]
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in parent.data.metrics.items() if inherit_metric(k)]
+    for start in range(0, max(len(mine), len(metrics)), 100):  # MLflow's limit per batch
+        client.log_batch(child, params=mine[start:start + 100], metrics=metrics[start:start + 100])
+    log.warning("%s's params differ from those run %s was logged with (an experiment that changed only later "
+                "stages): this execution logs into its own run %s (%s), nested under it", stage, run_id, child, name)
+    return child
 
 
 def log_fingerprint(machine: dict[str, str]) -> None:

@@ -137,7 +137,8 @@ def test_evaluate_without_java_stops_at_once_naming_the_param(monkeypatch, tmp_p
     with pytest.raises(MeteorError, match=r"-S evaluate\.meteor=false") as error:
         evaluate.main(["--params", str(params), "--data", str(tmp_path / "none"), "--model-dir", str(tmp_path / "none"),
                        "--run-ref", str(tmp_path / "run.json"), "--metrics", str(tmp_path / "eval.json"),
-                       "--predictions", str(tmp_path / "p.jsonl"), "--attributes", str(ATTRIBUTES)])
+                       "--predictions", str(tmp_path / "p.jsonl"), "--attributes", str(ATTRIBUTES),
+                       "--eval-run-ref", str(tmp_path / "eval_run.json")])
     assert "default-jre-headless" in str(error.value) and time.monotonic() - started < 5
     assert not (tmp_path / "eval.json").exists()
 

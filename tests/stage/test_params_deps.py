@@ -114,7 +114,7 @@ def reads(tmp_path_factory, tiny_raw) -> dict[str, set[str]]:
                                                                   "path": str(shop)}}))
     p = {name: str(root / name) for name in ("prepared", "best", "run.json", "ckpt", "train.json", "train_log.csv",
                                              "val_log.csv", "loss.png", "eval.json", "preds.jsonl", "report.html",
-                                             "registered.json", "shop-prepared", "shop-prepare.json",
+                                             "registered.json", "shop-prepared", "shop-prepare.json", "eval_run.json",
                                              "fingerprint.json")}
     runs = {
         "prepare": [(prepare.main, ["--params", str(params), "--out", p["prepared"], "--metrics", str(root / "p.json")]),
@@ -126,13 +126,13 @@ def reads(tmp_path_factory, tiny_raw) -> dict[str, set[str]]:
                                 "--loss-curve", p["loss.png"], "--fingerprint", p["fingerprint.json"]])],
         "evaluate": [(evaluate.main, ["--params", str(params), "--data", p["prepared"], "--model-dir", p["best"],
                                       "--run-ref", p["run.json"], "--metrics", p["eval.json"],
-                                      "--predictions", p["preds.jsonl"],
+                                      "--predictions", p["preds.jsonl"], "--eval-run-ref", p["eval_run.json"],
                                       "--attributes", str(REPO / "conf" / "attributes.yaml")])],
-        "report": [(report.main, ["--params", str(params), "--data", p["prepared"], "--run-ref", p["run.json"],
+        "report": [(report.main, ["--params", str(params), "--data", p["prepared"], "--run-ref", p["eval_run.json"],
                                   "--predictions", p["preds.jsonl"], "--eval", p["eval.json"],
                                   "--train", p["train.json"], "--loss-curve", p["loss.png"], "--out", p["report.html"]])],
         "register": [(register.main, ["--params", str(params), "--data", p["prepared"], "--model-dir", p["best"],
-                                      "--run-ref", p["run.json"], "--eval", p["eval.json"],
+                                      "--run-ref", p["eval_run.json"], "--eval", p["eval.json"],
                                       "--out", p["registered.json"]])],
     }
     with pytest.MonkeyPatch.context() as mp:
