@@ -5,6 +5,7 @@ run and never written anywhere but the services' own configuration and the proce
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import json
 import os
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -30,31 +31,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Service:
+    """A server in its own process group that a test can stop and start again (same command, port and data):
+    an outage of one of the team's services. Its log is appended to across starts."""
+
+    def __init__(self, args: list[str], ready: Callable[[], bool], log_path: Path, env: dict | None = None,
+                 timeout: float = 120, cwd: Path | None = None, grace: float = 30,
+                 stop_signal: signal.Signals = signal.SIGTERM):
+        self.args, self.ready, self.log_path, self.env = args, ready, log_path, env
+        self.timeout, self.cwd, self.grace, self.stop_signal = timeout, cwd, grace, stop_signal
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> None:
+        """Starts it and waits until `ready()` is true."""
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(self.args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True, cwd=self.cwd)
+        deadline = time.monotonic() + self.timeout
+        while not self.ready():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.args[0]} exited with {self.proc.returncode}:\n"
+                                   f"{self.log_path.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.args[0]} not ready in {self.timeout} s:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.3)
+
+    def stop(self) -> None:
+        """Stops the whole group: its stop signal (SIGTERM), then SIGKILL after `grace` seconds."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, self.stop_signal)
+        try:
+            self.proc.wait(timeout=self.grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> Service:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 @contextlib.contextmanager
 def process(args: list[str], ready: Callable[[], bool], log_path: Path, env: dict | None = None,
             timeout: float = 120, cwd: Path | None = None, grace: float = 30) -> Iterator[int]:
     """Starts a server in its own process group, waits until `ready()` is true, yields its PID and stops
     the whole group afterwards (SIGTERM, then SIGKILL after `grace` seconds)."""
-    log = open(log_path, "w")
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=cwd)
-    try:
-        deadline = time.monotonic() + timeout
-        while not ready():
-            if proc.poll() is not None:
-                raise RuntimeError(f"{args[0]} exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{args[0]} not ready in {timeout} s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield proc.pid
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    log_path.write_text("")
+    with Service(args, ready, log_path, env, timeout, cwd, grace) as service:
+        yield service.pid
 
 
 def answers(url: str) -> Callable[[], bool]:
@@ -82,6 +119,7 @@ class Postgres:
     port: int
     user: str
     password: str
+    service: Service | None = field(default=None, compare=False)
 
     def url(self, database: str) -> str:
         """The database's URL without the password: libpq takes it from PGPASSWORD (env()), so it appears
@@ -142,8 +180,9 @@ def postgres(root: Path) -> Iterator[Postgres]:
     args = [*as_user, str(programs / "postgres"), "-D", str(data / "data"), "-h", "127.0.0.1",
             "-p", str(server.port), "-k", str(data)]
     try:
-        with process(args, ready, root / "postgres.log", timeout=60):
-            yield server
+        # SIGINT is PostgreSQL's fast shutdown: it does not wait for the tracking server's pooled connections
+        with Service(args, ready, root / "postgres.log", timeout=60, stop_signal=signal.SIGINT) as service:
+            yield dataclasses.replace(server, service=service)
     finally:
         shutil.rmtree(data, ignore_errors=True)
 
@@ -153,6 +192,7 @@ class S3:
     endpoint: str
     access_key: str
     secret_key: str
+    service: Service | None = field(default=None, compare=False)
 
     def env(self) -> dict[str, str]:
         """What boto3 (MLflow's S3 artifact store) reads."""
@@ -199,8 +239,8 @@ def s3_server(root: Path, buckets: tuple[str, ...]) -> Iterator[S3]:
             return False
 
     # SeaweedFS takes ~25 s to shut down gracefully; its data is thrown away, so 3 s is enough
-    with process(args, ready, root.parent / f"{root.name}.log", timeout=90, grace=3):
-        yield store
+    with Service(args, ready, root.parent / f"{root.name}.log", timeout=90, grace=3) as service:
+        yield dataclasses.replace(store, service=service)
 
 
 @contextlib.contextmanager
@@ -208,6 +248,14 @@ def mlflow_server(root: Path, backend: str, artifacts: str, env: dict[str, str],
                   extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """`mlflow server` (one worker, no job execution) with its artifacts proxied (`--serve-artifacts`);
     returns its URL."""
+    with mlflow_service(root, backend, artifacts, env, app, extra_env) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def mlflow_service(root: Path, backend: str, artifacts: str, env: dict[str, str], app: str | None = None,
+                   extra_env: dict[str, str] | None = None) -> Iterator[tuple[str, Service]]:
+    """mlflow_server(), with the Service that stops and starts it again."""
     port = free_port()
     full_env = {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(extra_env or {})}
     full_env.pop("MLFLOW_TRACKING_URI", None)
@@ -216,8 +264,9 @@ def mlflow_server(root: Path, backend: str, artifacts: str, env: dict[str, str],
             *(["--app-name", app] if app else [])]
 
     root.mkdir(parents=True, exist_ok=True)
-    with process(args, answers(f"http://127.0.0.1:{port}/health"), root / "server.log", env=full_env, cwd=root):
-        yield f"http://127.0.0.1:{port}"
+    with Service(args, answers(f"http://127.0.0.1:{port}/health"), root / "server.log", env=full_env,
+                 cwd=root) as service:
+        yield f"http://127.0.0.1:{port}", service
 
 
 DVC_BUCKET, MLFLOW_BUCKET = "dvc", "mlflow"
@@ -229,6 +278,7 @@ class Services:
     s3: S3
     pg: Postgres
     root: Path
+    server: Service  # the tracking server's process, to stop and start again
 
 
 @contextlib.contextmanager
@@ -236,6 +286,6 @@ def team_services(root: Path) -> Iterator[Services]:
     """PostgreSQL, the S3 server with the DVC and MLflow buckets, and `mlflow server` on both."""
     with postgres(root / "pg") as pg, s3_server(root / "s3", (DVC_BUCKET, MLFLOW_BUCKET)) as s3:
         backend = pg.create_database("mlflow")
-        with mlflow_server(root / "mlflow", backend, f"s3://{MLFLOW_BUCKET}/artifacts",
-                           {**os.environ, **s3.env(), **pg.env()}) as url:
-            yield Services(url, s3, pg, root)
+        with mlflow_service(root / "mlflow", backend, f"s3://{MLFLOW_BUCKET}/artifacts",
+                            {**os.environ, **s3.env(), **pg.env()}) as (url, server):
+            yield Services(url, s3, pg, root, server)

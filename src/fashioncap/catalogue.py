@@ -46,10 +46,16 @@ def session(master: str, app: str = "fashioncap-caption-catalogue"):
     """A Spark session on `master`, with Arrow batches for the pandas UDF."""
     from pyspark.sql import SparkSession
 
-    return (SparkSession.builder.master(master).appName(app)
-            .config("spark.sql.execution.arrow.pyspark.enabled", "true")
-            .config("spark.ui.enabled", "false")
-            .getOrCreate())
+    from .serving import SETTINGS_ENV
+
+    builder = (SparkSession.builder.master(master).appName(app)
+               .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+               .config("spark.ui.enabled", "false"))
+    # a cluster's executors start from their worker's environment, not the driver's: they get these as well
+    for name in ("MLFLOW_TRACKING_URI", SETTINGS_ENV):
+        if os.environ.get(name):
+            builder = builder.config(f"spark.executorEnv.{name}", os.environ[name])
+    return builder.getOrCreate()
 
 
 def read_images(spark, source: Path, suffixes: set[str]):
@@ -76,7 +82,7 @@ def caption_catalogue(spark, source: Path, output: Path, model_uri: str, trackin
     import mlflow
     from pyspark.sql import functions as F
 
-    from .cli import IMAGE_SUFFIXES
+    from .imaging import IMAGE_SUFFIXES
 
     name, version = pinned_version(mlflow.MlflowClient(tracking_uri), model_uri)
     images = read_images(spark, source, IMAGE_SUFFIXES)
@@ -103,13 +109,13 @@ def caption_catalogue(spark, source: Path, output: Path, model_uri: str, trackin
 def run(source: Path, output: Path, model_uri: str, master: str, batch_images: int, threads: int) -> dict:
     """The job as the command runs it: environment, session, captions, session stopped."""
     from . import tracking
-    from .serving import THREADS_ENV
+    from .serving import HostSettings
 
     if not source.exists():
         raise CatalogueError(f"{source} does not exist")
     tracking_uri = tracking.tracking_uri()
     # the Python workers Spark starts inherit these: the registry, and one torch thread pool per task
-    os.environ.update({"MLFLOW_TRACKING_URI": tracking_uri, THREADS_ENV: str(threads)})
+    os.environ.update({"MLFLOW_TRACKING_URI": tracking_uri, **HostSettings(threads=threads).env()})
     if master.startswith("local"):  # the workers run this Python (a cluster's nodes have their own, PYSPARK_PYTHON)
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     spark = session(master)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -93,6 +94,21 @@ def model_card(params: Params, table: dict, run) -> str:
     ])
 
 
+@contextlib.contextmanager
+def storing(run_id: str):
+    """Uploads to the run's artifacts: an artifact store that does not take them (S3 down, also after MLflow's
+    retries) is one clear error, before anything is registered."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except (MlflowException, OSError) as error:  # requests' errors are OSErrors
+        raise FashioncapError(
+            f"the model could not be stored in run {run_id}'s artifact store ({str(error)[:400]}). Nothing was "
+            f"registered: run the stage again (`dvc repro`) once the store ({tracking.tracking_uri()} and the "
+            "artifact storage behind it) answers") from error
+
+
 def log_lineage(client, run_id: str, model_dir: Path) -> None:
     """Adds what the whole pipeline used to its run: params.yaml, dvc.lock and the model's DVC digest."""
     digest = lineage.lock_digests(Path("dvc.lock")).get(model_dir.as_posix())
@@ -109,7 +125,8 @@ def register(params: Params, run_id: str, model_dir: Path, data_dir: Path, table
     import mlflow
 
     client = mlflow.MlflowClient(tracking.tracking_uri())
-    log_lineage(client, run_id, model_dir)
+    with storing(run_id):
+        log_lineage(client, run_id, model_dir)
     name = params.registry.name
     registration = registration_digest(params, table)
     version = promotion.version_for_run(client, name, run_id, registration)
@@ -140,25 +157,16 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
                       registration: str):
     import mlflow
 
-    from . import serving
-
-    from mlflow.exceptions import MlflowException
-
     run = client.get_run(run_id)
     with tempfile.TemporaryDirectory() as tmp, tracking.resume_run(run_id):
         config = Path(tmp) / "serving_config.json"
         config.write_text(json.dumps(serving_config(params), indent=2))
-        try:
+        with storing(run_id):
             info = mlflow.pyfunc.log_model(
-                name="captioner", python_model=serving.__file__, code_paths=[str(Path(__file__).parent)],
+                name="captioner", python_model=str(Path(__file__).with_name("served_model.py")), code_paths=[str(Path(__file__).parent)],
                 artifacts={"blip": str(model_dir), "serving_config": str(config)},
                 signature=signature(params), input_example=input_example(data_dir),
                 pip_requirements=pip_requirements())
-        except (MlflowException, OSError) as error:  # requests' errors are OSErrors
-            raise FashioncapError(
-                f"the model could not be stored in run {run_id}'s artifact store ({str(error)[:400]}). Nothing "
-                f"was registered: run the stage again (`dvc repro`) once the store ({tracking.tracking_uri()} and "
-                "the artifact storage behind it) answers") from error
     tags = {promotion.CIDER_TAG: str(table["after"]["cider_d"]), promotion.BLEU_TAG: str(table["after"]["bleu_4"]),
             promotion.DIGEST_TAG: table["test_digest"], promotion.RUN_TAG: run_id, promotion.PROFILE_TAG: params.profile,
             "model_digest": run.data.tags.get("model.digest", "unknown"),

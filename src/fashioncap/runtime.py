@@ -35,23 +35,6 @@ def configure_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-REQUEST_THREADS_ENV = "FASHIONCAP_REQUEST_THREADS"
-
-
-def request_loop():
-    """The scoring server's event loop (uvicorn's custom loop factory: `fashioncap serve` sets
-    UVICORN_LOOP to it). MLflow runs each request's predict in asyncio's default thread pool, which has
-    min(32, cores + 4) threads, 6 on 2 cores: at most 6 requests could wait for one batch. This loop's pool
-    has FASHIONCAP_REQUEST_THREADS threads."""
-    import asyncio
-    from concurrent.futures import ThreadPoolExecutor
-
-    loop = asyncio.SelectorEventLoop()
-    threads = int(os.environ.get(REQUEST_THREADS_ENV) or 32)
-    loop.set_default_executor(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="request"))
-    return loop
-
-
 def project_root() -> Path:
     """The repository root: DVC's DVC_ROOT (the parent repo, also for queued experiments), else the
     nearest folder above the working directory that holds dvc.yaml, else the working directory."""
@@ -107,3 +90,22 @@ def run_stage(main: Callable[[], None]) -> None:
     except (ConfigError, FashioncapError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Exception as error:
+        if not unreachable(error):
+            raise
+        print(f"error: the MLflow tracking server at {os.environ.get('MLFLOW_TRACKING_URI')} did not answer, also "
+              f"after MLflow's retries ({str(error)[:300]}). The stage stopped; run it again once the server is "
+              "back (training resumes from its last checkpoint, into the same run).", file=sys.stderr)
+        sys.exit(2)
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether an error (or its cause) is a tracking server that refused or dropped the connection (not one
+    that answered with an error)."""
+    marks = ("Connection refused", "Failed to establish a new connection", "RemoteDisconnected",
+             "Connection aborted", "Connection reset by peer")
+    while error is not None:
+        if type(error).__name__ in ("ConnectionError", "NewConnectionError") or any(m in str(error) for m in marks):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -664,7 +664,29 @@ def main(argv: list[str] | None = None) -> None:
 
         if mlflow.active_run() is not None:  # the run shows as failed, not as running forever
             mlflow.end_run(status="KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+        lost = lost_peer(error)
+        if lost:
+            raise FashioncapError(lost) from error
         raise
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout",
+             "NCCL communicator was aborted", "ProcessGroupGloo", "DistBackendError")
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """The message for a process of a distributed training that lost another one (a killed process, a lost
+    machine): the collectives of the survivors fail as soon as the peer's connections close."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    text = f"{type(error).__name__}: {error}"
+    if not isinstance(error, RuntimeError) or not any(mark in text for mark in PEER_GONE):
+        return None
+    return (f"process {dist.get_rank()} of {dist.get_world_size()} lost another process of the training "
+            f"({text.splitlines()[0][:200]}): a process or machine stopped. The last checkpoint is kept; start the "
+            "stage again on every machine to resume from it.")
 
 
 if __name__ == "__main__":

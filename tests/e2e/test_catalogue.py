@@ -1,14 +1,17 @@
-"""End to end: `fashioncap caption-catalogue` captions a folder of catalogue photos on Spark in local mode
-(`local[2]`) with the registered champion through mlflow.pyfunc.spark_udf."""
+"""End to end: `fashioncap caption-catalogue` captions a folder of catalogue photos on Spark, in local mode
+(`local[2]`) and on a standalone cluster of two workers that loses one, with the registered champion
+through mlflow.pyfunc.spark_udf."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +130,72 @@ def test_a_parquet_table_of_images_and_clear_errors(catalogue):
     proc = caption_catalogue(root, env, str(photos), "--output", str(root / "y"), "--model",
                              f"models:/{NAME}@nobody")
     assert proc.returncode == 2 and "no version with alias 'nobody'" in proc.stderr
+
+
+def spark_class(*args: str) -> list[str]:
+    """A Spark daemon from the jars pyspark ships (its bin/spark-class; no Spark install needed)."""
+    return [str(Path(pyspark.__file__).parent / "bin" / "spark-class"), *args]
+
+
+def alive_workers(web: str) -> int:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{web}/json/", timeout=2) as response:
+            return json.loads(response.read())["aliveworkers"]
+    except OSError:
+        return -1
+
+
+def test_a_standalone_cluster_losing_a_worker_mid_job_still_returns_every_photo_once(catalogue, tmp_path):
+    """A Spark standalone master and two one-core workers on loopback; one worker (and its executor) is
+    SIGKILLed once the job has committed a few tasks. Spark runs the lost tasks again on the other worker:
+    the output still holds every photo exactly once, with the same captions as local mode."""
+    import signal
+    import time
+
+    import pyarrow.parquet as pq
+
+    from tests.services import Service, free_port
+
+    root, photos, env, bad = catalogue
+    port, web_port = free_port(), free_port()
+    master, web = f"spark://127.0.0.1:{port}", f"http://127.0.0.1:{web_port}"
+    spark_env = {**env, "SPARK_LOCAL_IP": "127.0.0.1", "PYSPARK_PYTHON": sys.executable,
+                 "SPARK_LOG_DIR": str(tmp_path), "SPARK_WORKER_DIR": str(tmp_path / "work")}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(Service(spark_class("org.apache.spark.deploy.master.Master", "--host", "127.0.0.1",
+                                                "--port", str(port), "--webui-port", str(web_port)),
+                                    lambda: alive_workers(web) >= 0, tmp_path / "master.log", spark_env))
+        workers = [stack.enter_context(Service(
+            spark_class("org.apache.spark.deploy.worker.Worker", "--host", "127.0.0.1", "--cores", "1",
+                        "--memory", "2g", "--webui-port", str(free_port()), "--work-dir", str(tmp_path / f"w{i}"),
+                        master),
+            lambda i=i: alive_workers(web) >= i + 1, tmp_path / f"worker{i}.log", spark_env, grace=5))
+            for i in range(2)]
+        out = tmp_path / "captions.parquet"
+        # a task for every photo or two, so that each worker has several to lose
+        job_env = {**spark_env, "PYSPARK_SUBMIT_ARGS": "--conf spark.sql.files.maxPartitionBytes=16384 "
+                   "--conf spark.sql.files.openCostInBytes=8192 pyspark-shell"}
+        job = subprocess.Popen([sys.executable, "-m", "fashioncap.cli", "caption-catalogue", str(photos), "--output",
+                                str(out), "--master", master, "--batch-size", "4"], cwd=root, env=job_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while len(list((out / "_temporary" / "0").glob("task_*"))) < 3:  # tasks committed so far
+            assert job.poll() is None, job.stderr.read()[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        os.killpg(workers[1].pid, signal.SIGKILL)  # the worker and the executor it started
+        killed_while_running = job.poll() is None
+        stdout, stderr = job.communicate(timeout=600)
+    assert killed_while_running and job.returncode == 0, stderr[-3000:]
+    assert "Lost executor" in stderr, stderr[-3000:]  # the driver saw the executor go
+    assert f"{GOOD + len(bad)} images: {GOOD} captioned, {len(bad)} with an error" in stdout
+
+    rows = pq.read_table(out).to_pylist()
+    paths = sorted(r["path"].removeprefix("file:") for r in rows)
+    assert paths == sorted(str(p) for p in photos.rglob("*") if p.is_file() and p.suffix != ".txt")
+    local = {r["path"]: r["caption"] for r in pq.read_table(root / "captions.parquet").to_pylist()} \
+        if (root / "captions.parquet").exists() else {}
+    for r in rows:
+        assert local.get(r["path"], r["caption"]) == r["caption"]

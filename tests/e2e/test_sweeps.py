@@ -1,6 +1,7 @@
 """Parallel sweeps lose nothing: queued experiments run by two `dvc queue` workers at once, four against the
 embedded sqlite store (two writers on one file, two rounds) and two against the team's server on PostgreSQL
-(one round: two workers creating the experiment on a fresh server at the same moment). Every
+(one round: two workers creating the experiment on a fresh server at the same moment, and PostgreSQL
+restarted while they train). Every
 experiment ends in `dvc exp show` with its metrics, as exactly one finished MLflow run with its whole
 metric history, and as exactly one registered version."""
 
@@ -8,25 +9,30 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import BIN, TINY_OVERRIDES, copy_repo, set_args, sh
-from tests.services import team_services
+from tests.services import Services, team_services
 
 pytestmark = pytest.mark.slow
 NAME = "fashion-captioner"
 RATES = ("0.0015", "0.002", "0.003", "0.004")  # none is the committed run's 0.001: each one trains
 
 
-def sweep(repo: Path, prefix: str, rates: tuple[str, ...] = RATES, **env: str) -> list[str]:
-    """README's sweep: queue one experiment per rate, then `dvc queue start -j 2`, and wait for it."""
+def sweep(repo: Path, prefix: str, rates: tuple[str, ...] = RATES, while_running: Callable[[], None] | None = None,
+          **env: str) -> list[str]:
+    """README's sweep: queue one experiment per rate, then `dvc queue start -j 2`, and wait for it (calling
+    `while_running` once the workers are started)."""
     names = [f"{prefix}-{rate}" for rate in rates]
     for name, rate in zip(names, rates):
         sh([str(BIN / "dvc"), "exp", "run", "--queue", "-n", name, *set_args([*TINY_OVERRIDES, f"train.lr={rate}"])],
            repo, **env)
     sh([str(BIN / "dvc"), "queue", "start", "-j", "2"], repo, **env)
+    if while_running is not None:
+        while_running()
     deadline = time.monotonic() + 900
     while True:
         status = sh([str(BIN / "dvc"), "queue", "status"], repo).stdout
@@ -76,10 +82,38 @@ def test_a_parallel_sweep_on_the_embedded_sqlite_store(tiny_repo, tmp_path):
     accounted_for(repo, client, names, before)
 
 
-def test_a_parallel_sweep_against_the_team_server(tiny_repo, tmp_path):
+def restart_postgres_mid_run(services: Services) -> Callable[[], None]:
+    """Once a worker's run is logging its training, PostgreSQL stops (fast shutdown), stays down RESTART seconds and
+    starts again: the tracking server answers 500 meanwhile, MLflow's clients retry, and its connection pool
+    (pool_pre_ping) reconnects."""
+    from mlflow import MlflowClient
+
+    def restart() -> None:
+        client, deadline = MlflowClient(services.url), time.monotonic() + 600
+        while True:
+            experiment = client.get_experiment_by_name("fashioncap")
+            running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") \
+                if experiment else []
+            if any("train_loss" in r.data.metrics for r in running):
+                break
+            assert time.monotonic() < deadline, "no worker's run ever logged a training loss"
+            time.sleep(0.2)
+        services.pg.service.stop()
+        time.sleep(RESTART)
+        services.pg.service.start()
+
+    return restart
+
+
+RESTART = 5  # seconds PostgreSQL is down
+
+
+def test_a_parallel_sweep_against_the_team_server_through_a_postgresql_restart(tiny_repo, tmp_path):
     from mlflow import MlflowClient
 
     repo = copy_repo(tiny_repo, tmp_path / "repo")
     with team_services(tmp_path / "services") as services:
-        names = sweep(repo, "team", RATES[:2], MLFLOW_TRACKING_URI=services.url)  # workers inherit the environment
+        names = sweep(repo, "team", RATES[:2], restart_postgres_mid_run(services),
+                      MLFLOW_TRACKING_URI=services.url)  # workers inherit the environment
         accounted_for(repo, MlflowClient(services.url), names, 0)
+        assert "database system is shut down" in (services.root / "pg" / "postgres.log").read_text()

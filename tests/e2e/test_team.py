@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import subprocess
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -58,6 +59,40 @@ class Team:
     b: Path
     run_id: str
     services: Services
+    outage: float  # seconds the tracking server was down while A trained
+    push_without_s3: subprocess.CompletedProcess  # A's first `dvc push`, with the S3 server down
+
+
+OUTAGE = 30  # seconds
+
+
+def train_through_an_outage(services: Services, command: list[str], cwd: Path, env: dict[str, str]) -> float:
+    """Runs `command` (a pipeline execution against the tracking server) and, once its run has logged its first
+    training loss, stops the server for OUTAGE seconds and starts it again on the same port. Returns how long
+    the server was down; the command must succeed."""
+    import time
+
+    from mlflow import MlflowClient
+
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
+    proc = subprocess.Popen(command, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    client, deadline = MlflowClient(services.url), time.monotonic() + 600
+    while True:
+        assert proc.poll() is None, "the execution ended before the outage:\n" + proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline
+        experiment = client.get_experiment_by_name("fashioncap")
+        running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") if experiment else []
+        if any("train_loss" in run.data.metrics for run in running):
+            break
+        time.sleep(0.2)
+    services.server.stop()
+    down = time.monotonic()
+    time.sleep(OUTAGE)
+    services.server.start()
+    outage = time.monotonic() - down
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-5000:]
+    return outage
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +107,14 @@ def team(services, tiny_repo, tmp_path_factory) -> Team:
     credentials(a, services.s3)
     sh(["git", "clone", "-q", "--bare", str(a), str(root / "origin.git")], root)
     git(a, "remote", "add", "origin", str(root / "origin.git"))
-    dvc(["exp", "run", "-n", "team-run", *set_args([*TINY_OVERRIDES, "train.lr=0.002"])], a,
-        MLFLOW_TRACKING_URI=services.url)
+    outage = train_through_an_outage(
+        services, [str(BIN / "dvc"), "exp", "run", "-n", "team-run", *set_args([*TINY_OVERRIDES, "train.lr=0.002",
+                                                                                   "train.log_every=1"])],
+        a, {"MLFLOW_TRACKING_URI": services.url})
     run_id = json.loads((a / "models/run.json").read_text())["run_id"]
+    services.s3.service.stop()  # S3 down: the push fails, saying so; pushed again once it is back
+    push_without_s3 = subprocess.run([str(BIN / "dvc"), "push"], cwd=a, capture_output=True, text=True, timeout=600)
+    services.s3.service.start()
     dvc(["push"], a)
     dvc(["exp", "push", "origin", "team-run"], a)
 
@@ -82,10 +122,13 @@ def team(services, tiny_repo, tmp_path_factory) -> Team:
     b = root / "b"
     credentials(b, services.s3)
     dvc(["exp", "pull", "origin", "team-run"], b)
-    return Team(a, b, run_id, services)
+    return Team(a, b, run_id, services, outage, push_without_s3)
 
 
 def test_a_runs_metrics_and_params_reach_the_server(team):
+    """Also through a 30 s outage of the tracking server in the middle of the training: MLflow's client
+    retries, and the run finishes with its whole metric history."""
+    assert team.outage >= OUTAGE
     base = team.services.url
     experiment = api(base, "experiments/get-by-name", experiment_name="fashioncap")["experiment"]
     assert experiment["artifact_location"].startswith("mlflow-artifacts:")  # the server's store, not a local path
@@ -95,6 +138,7 @@ def test_a_runs_metrics_and_params_reach_the_server(team):
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert tags["dvc.exp_name"] == "team-run" and params["train.max_steps"] == "12"
+    assert run["info"]["status"] == "FINISHED"
     history = api(base, "metrics/get-history", run_id=team.run_id, metric_key="train_loss")["metrics"]
     assert sorted(m["step"] for m in history) == list(range(1, 13))
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
@@ -230,3 +274,49 @@ print(client.get_model_version_by_alias("{NAME}", "champion").version)
     proc = subprocess.run([str(BIN / "python"), "-c", script.replace(f'client.create_registered_model("{NAME}")', "")],
                           cwd=tmp_path, env=anonymous, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "401" in proc.stderr
+
+
+def test_register_with_s3_down_registers_nothing_and_its_rerun_registers_once(team, tmp_path, monkeypatch):
+    """S3 down during register's artifact upload: a clear error, no version, no run left RUNNING; once S3
+    is back the same command registers exactly one version. (A registry of its own name, so the versions of
+    the tests above stay as they are.)"""
+    import yaml
+    from mlflow import MlflowClient
+
+    raw = yaml.safe_load((team.a / "params.yaml").read_text())
+    raw["registry"]["name"] = "outage-captioner"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(raw))
+    command = [sys.executable, "-m", "fashioncap.register", "--params", str(params), "--data", "data/prepared",
+               "--model-dir", "models/best", "--run-ref", "models/eval_run.json", "--eval", "metrics/eval.json",
+               "--out", str(tmp_path / "registered.json")]
+    env = {**os.environ, "PYTHONPATH": "src", "MLFLOW_TRACKING_URI": team.services.url,
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}  # fewer retries than the default's ~2 minutes of them
+    client = MlflowClient(team.services.url)
+    team.services.s3.service.stop()
+    try:
+        failed = subprocess.run(command, cwd=team.a, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        team.services.s3.service.start()
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert "Nothing was registered" in failed.stderr and "Traceback" not in failed.stderr
+    assert client.search_model_versions("name = 'outage-captioner'") == []
+    proc = subprocess.run(command, cwd=team.a, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [version] = client.search_model_versions("name = 'outage-captioner'")
+    assert version.status == "READY"
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team.services.url)  # the registry that models:/ resolves in
+    mlmodel = mlflow.artifacts.download_artifacts(f"models:/outage-captioner/{version.version}/MLmodel",
+                                                  dst_path=str(tmp_path / "dl"))
+    assert "python_function" in Path(mlmodel).read_text()  # the whole model reached S3 on the re-run
+    experiment = client.get_experiment_by_name("fashioncap").experiment_id
+    assert not client.search_runs([experiment], "attributes.status = 'RUNNING'")
+
+
+def test_dvc_push_with_s3_down_fails_clearly_and_the_next_push_completes(team):
+    failed = team.push_without_s3
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
+    assert "failed to push" in failed.stderr.lower() or "unable to" in failed.stderr.lower(), failed.stderr[-2000:]
+    assert json.loads(dvc(["status", "--cloud", "--json"], team.a).stdout) == {}  # everything is on the remote

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -229,3 +230,23 @@ def test_a_sweep_worker_that_loses_the_race_to_create_the_experiment_uses_the_wi
     created = tracking.experiment_id("sweep")
     assert created == client.get_experiment_by_name("sweep").experiment_id and len(calls) == 2
     assert [e.name for e in client.search_experiments()].count("sweep") == 1
+
+
+def test_a_stage_whose_tracking_server_does_not_answer_stops_with_one_clear_paragraph(tmp_path, tiny_raw,
+                                                                                     write_params):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "run.json").write_text(json.dumps({"run_id": "0" * 32, "experiment": "fashioncap"}))
+    (tmp_path / "eval.json").write_text(json.dumps(table(1.0)))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+           "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}
+    proc = subprocess.run([sys.executable, "-m", "fashioncap.register", "--params", str(write_params(tiny_raw)),
+                           "--data", str(tmp_path), "--model-dir", str(tmp_path), "--run-ref", str(tmp_path / "run.json"),
+                           "--eval", str(tmp_path / "eval.json"), "--out", str(tmp_path / "out.json")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"tracking server at http://127.0.0.1:{port} did not answer" in proc.stderr
+    assert "run it again once the server is back" in proc.stderr
