@@ -12,10 +12,10 @@ import sys
 from pathlib import Path
 
 from . import promotion, tracking
+from .imaging import IMAGE_SUFFIXES
 from .runtime import FashioncapError, configure_environment, progress, project_root
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_NAME = "fashion-captioner"
 
 
@@ -137,8 +137,7 @@ def served_config(uri: str) -> dict:
 
 
 def cmd_serve(args) -> int:
-    from .runtime import REQUEST_THREADS_ENV
-    from .serving import BATCH_ENV, WAIT_ENV
+    from .serving import HostSettings
 
     _check_alias(args.model)
     mlflow_bin = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
@@ -156,12 +155,11 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
     elif batch > 1:
         # the model reads these in each server process; a full batch of requests waits while the next is read
-        os.environ.update({BATCH_ENV: str(batch), REQUEST_THREADS_ENV: str(2 * batch + 4),
-                           "UVICORN_LOOP": "fashioncap.runtime:request_loop"})
-        if args.max_wait_ms is not None:
-            os.environ[WAIT_ENV] = str(args.max_wait_ms)
+        os.environ.update({**HostSettings(batch_images=batch, batch_wait_ms=args.max_wait_ms,
+                                          request_threads=2 * batch + 4).env(),
+                           "UVICORN_LOOP": "fashioncap.serving:request_loop"})
     else:
-        os.environ[BATCH_ENV] = "1"
+        os.environ.update(HostSettings(batch_images=1).env())
     os.execv(mlflow_bin, command)  # MLflow's own scoring server, not a re-implementation
     return 0
 
@@ -239,11 +237,12 @@ def cmd_caption(args) -> int:
     files = image_files(args.paths)
     if not files:
         raise promotion.RegistryError("no image files found in the paths given")
-    from .serving import THREADS_ENV
+    from .serving import SETTINGS_ENV, HostSettings
 
     _check_alias(args.model)
     mlflow.set_tracking_uri(tracking.tracking_uri())
-    os.environ.setdefault(THREADS_ENV, "0")  # a process of its own: the model pins the training's numerics
+    if SETTINGS_ENV not in os.environ:  # a process of its own: the model pins the training's numerics
+        os.environ.update(HostSettings(threads=0).env())
     model = mlflow.pyfunc.load_model(args.model)
     max_images, max_bytes, max_pixels = served_limits(model, args.batch_size)
     good, errors = _readable(files, max_pixels)

@@ -17,6 +17,7 @@ DEFAULT_MAX_PIXELS = 40_000_000
 # The formats a catalogue photo comes in (JPEG includes the MPO files many cameras and phones write). Everything
 # else Pillow could open (EPS through Ghostscript, PSD, ICO, FITS, JPEG 2000, AVIF, ...) is refused unread.
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}  # their file names
 Image.init()  # registers every plugin: `Image.open(formats=...)` looks the accepted ones up by name
 # Pillow warns (and at twice the limit raises) on its own limit of 89M pixels; the size check below refuses
 # images before that, with the caller's limit, so the warning only repeats it. Ignored once, here: a

@@ -1,10 +1,16 @@
-"""The registered model, as MLflow models-from-code: captions base64-encoded images with a saved BLIP.
+"""The registered model's code: captions base64-encoded images with a saved BLIP, in batches.
 
-MLflow copies this file and the `fashioncap` package into the model, so the registry alone serves it:
-`mlflow models serve -m models:/fashion-captioner@champion --env-manager local`.
+MLflow copies the `fashioncap` package into each version, whose entry file (models-from-code) is
+`served_model.py`, so the registry alone serves it:
+`mlflow models serve -m models:/fashion-captioner@champion --env-manager local`. This module only defines;
+importing it starts nothing.
 
 Inside the scoring server the model batches: MLflow runs each request's `predict` in a thread of its own,
 and concurrent requests' images are captioned together in one generate() call (`Batcher`).
+
+Its settings are one `ServingSettings`, read once when the model loads: the version's registered
+`serving_config.json` and what the process hosting it says (`HostSettings`: `fashioncap serve`'s flags, a
+batch job's threads), which the host hands to the processes it starts in the one variable FASHIONCAP_SERVING.
 """
 
 from __future__ import annotations
@@ -15,24 +21,89 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError, Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
-import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
 IMAGE_COLUMN = "image"
-TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # set by `mlflow models serve` (--timeout) for its workers
-BATCH_ENV = "FASHIONCAP_BATCH_IMAGES"  # set by `fashioncap serve --batch-size`: overrides registry.batch_images
-WAIT_ENV = "FASHIONCAP_BATCH_WAIT_MS"  # set by `fashioncap serve --max-wait-ms`: overrides registry.batch_wait_ms
-# torch threads of a process that captions, e.g. one per Spark task ("0": numerics.threads); set, the model pins
-THREADS_ENV = "FASHIONCAP_THREADS"
+SETTINGS_ENV = "FASHIONCAP_SERVING"  # HostSettings as JSON, for the processes a host starts
+TIMEOUT_ENV = "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"  # MLflow's own: `mlflow models serve --timeout`, for its workers
 TIMEOUT_SHARE = 0.8  # of the request timeout a full request may take: decoding, queueing and the rest get 20%
 log = logging.getLogger("fashioncap.serving")
+
+
+@dataclass(frozen=True)
+class HostSettings:
+    """What the process that hosts the model says, besides the registered config. None: the registered value."""
+
+    batch_images: int | None = None  # `fashioncap serve --batch-size`: over registry.batch_images
+    batch_wait_ms: float | None = None  # `fashioncap serve --max-wait-ms`: over registry.batch_wait_ms
+    threads: int | None = None  # torch threads of a process that captions (0: numerics.threads); set, it pins
+    request_threads: int | None = None  # the scoring server's pool of request threads (`request_loop`)
+
+    def env(self) -> dict[str, str]:
+        """The one variable that hands these settings to the processes the host starts."""
+        return {SETTINGS_ENV: json.dumps(asdict(self))}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> HostSettings:
+        text = (os.environ if environ is None else environ).get(SETTINGS_ENV)
+        if not text:
+            return cls()
+        values = json.loads(text)
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"{SETTINGS_ENV} has unknown settings {sorted(unknown)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class ServingSettings:
+    """Everything the served model is configured by, read once when it loads."""
+
+    config: dict  # the version's serving_config.json: generation, limits, numerics, batching
+    request_timeout: float | None  # inside the scoring server: requests and their limits; None in a batch job
+    batch_images: int
+    batch_wait_ms: float
+    pin: bool  # a process of its own: pin the kernels and threads evaluate used, so the same captions
+    threads: int | None
+
+    @classmethod
+    def read(cls, config: dict, environ: Mapping[str, str] | None = None) -> ServingSettings:
+        environ = os.environ if environ is None else environ
+        host = HostSettings.from_env(environ)
+        timeout = environ.get(TIMEOUT_ENV)
+        numerics = config.get("numerics", {"cpu_kernels": "native", "threads": None})
+        # pinned only in a process of its own (the scoring server, a Spark worker, `fashioncap caption`), never in
+        # one that loads the model in passing (log_model checking its input example, a notebook)
+        pin = bool(timeout) or host.threads is not None
+        return cls(config, float(timeout) if timeout else None,
+                   host.batch_images or int(config.get("batch_images", 1)),  # older models: 1
+                   host.batch_wait_ms if host.batch_wait_ms is not None else float(config.get("batch_wait_ms", 0)),
+                   pin, ((host.threads or 0) or numerics["threads"]) if pin else None)
+
+    @property
+    def numerics(self) -> dict:
+        return self.config.get("numerics", {"cpu_kernels": "native", "threads": None})
+
+
+def request_loop():
+    """The scoring server's event loop (uvicorn's custom loop factory: `fashioncap serve` sets
+    UVICORN_LOOP to it). MLflow runs each request's predict in asyncio's default thread pool, which has
+    min(32, cores + 4) threads, 6 on 2 cores: at most 6 requests could wait for one batch. This loop's pool
+    has HostSettings.request_threads threads."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop = asyncio.SelectorEventLoop()
+    threads = HostSettings.from_env().request_threads or 32
+    loop.set_default_executor(ThreadPoolExecutor(max_workers=threads, thread_name_prefix="request"))
+    return loop
 
 
 def fitting_images(timeout_s: float, seconds_per_image: float, configured: int) -> int:
@@ -182,12 +253,9 @@ class Captioner(PythonModel):
 
         with open(context.artifacts["serving_config"]) as f:
             self.config = json.load(f)
-        # in a process of its own (the scoring server, a Spark worker, `fashioncap caption`): the kernels and
-        # threads evaluate used, so the same captions. Never in a process that only loads the model in passing
-        # (log_model checking its input example, a notebook): the pins would stay in that process.
-        numerics = self.config.get("numerics", {"cpu_kernels": "native", "threads": None})
-        if os.environ.get(TIMEOUT_ENV) or os.environ.get(THREADS_ENV) is not None:
-            pin(numerics["cpu_kernels"], int(os.environ.get(THREADS_ENV) or 0) or numerics["threads"])
+        self.settings = ServingSettings.read(self.config)
+        if self.settings.pin:
+            pin(self.settings.numerics["cpu_kernels"], self.settings.threads)
         self.generate = GenerateParams.model_validate(self.config["generate"])
         self.processor = BlipProcessor.from_pretrained(context.artifacts["blip"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -199,9 +267,9 @@ class Captioner(PythonModel):
         self.batcher = None
         self.max_queued, self.timeout_s = None, None  # set by _start_serving: requests are bounded there
         self._in_flight, self._in_flight_lock = 0, threading.Lock()
-        self.serving = bool(os.environ.get(TIMEOUT_ENV))  # inside the scoring server: requests and their limits
+        self.serving = self.settings.request_timeout is not None  # the scoring server: requests and limits
         if self.serving:
-            self._start_serving(float(os.environ[TIMEOUT_ENV]))
+            self._start_serving(self.settings.request_timeout)
 
     def _start_serving(self, timeout_s: float) -> None:
         """Times one caption at full length (the worst case: min_length = max_new_tokens) on this device, after
@@ -212,8 +280,7 @@ class Captioner(PythonModel):
         cores, not one per request thread competing for them."""
         from PIL import Image
 
-        configured = int(os.environ.get(BATCH_ENV) or self.config.get("batch_images", 1))  # older models: 1
-        wait_ms = float(os.environ.get(WAIT_ENV) or self.config.get("batch_wait_ms", 0))
+        configured, wait_ms = self.settings.batch_images, self.settings.batch_wait_ms
         caption = self._caption
         if configured > 1:
             self.batcher = Batcher(self._caption, 1, wait_ms / 1000)
@@ -256,7 +323,7 @@ class Captioner(PythonModel):
         if len(values) > self.max_images:
             raise bad_input(f"{len(values)} images in one request; the limit is {self.max_images}"
                             + ("" if self.max_images == self.config["max_images"] else
-                               f" on this device (within the {os.environ.get(TIMEOUT_ENV)} s request timeout)"))
+                               f" on this device (within the {self.timeout_s:g} s request timeout)"))
         size = sum(len(v) for v in values if isinstance(v, (str, bytes)))
         if size > self.config["max_request_bytes"]:
             raise bad_input(f"{size} bytes of image data in one request; the limit is {self.config['max_request_bytes']}")
@@ -342,5 +409,3 @@ class Captioner(PythonModel):
         return pd.DataFrame({"caption": ["" if row in bad else next(captions) for row in range(len(images))],
                              "error": [bad.get(row, "") for row in range(len(images))]})
 
-
-mlflow.models.set_model(Captioner())

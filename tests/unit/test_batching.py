@@ -165,3 +165,34 @@ def test_a_server_without_batching_bounds_the_images_in_progress_too():
     with pytest.raises(MlflowException) as late:
         captioner._captions(["e"], GREEDY, time.monotonic() - 1)
     assert late.value.get_http_status_code() == 504 and ["e"] not in captioner._caption.calls
+
+
+SERVED_CONFIG = {"batch_images": 4, "batch_wait_ms": 20, "numerics": {"cpu_kernels": "avx2", "threads": 2}}
+
+
+def test_serving_settings_are_read_once_from_the_registered_config_and_the_hosts_one_variable():
+    from fashioncap.serving import SETTINGS_ENV, TIMEOUT_ENV, HostSettings, ServingSettings
+
+    passing = ServingSettings.read(SERVED_CONFIG, {})  # a notebook, or log_model checking its input example
+    assert (passing.request_timeout, passing.batch_images, passing.batch_wait_ms, passing.pin) == (None, 4, 20.0, False)
+    host = HostSettings(batch_images=8, batch_wait_ms=5.0, request_threads=20)
+    assert HostSettings.from_env(host.env()) == host and set(host.env()) == {SETTINGS_ENV}
+    served = ServingSettings.read(SERVED_CONFIG, {**host.env(), TIMEOUT_ENV: "30"})  # `fashioncap serve -b 8`
+    assert (served.request_timeout, served.batch_images, served.batch_wait_ms) == (30.0, 8, 5.0)
+    assert served.pin and served.threads == 2  # the scoring server pins evaluate's numerics
+    job = ServingSettings.read(SERVED_CONFIG, HostSettings(threads=0).env())  # `fashioncap caption`
+    assert job.pin and job.threads == 2 and job.request_timeout is None
+    assert ServingSettings.read(SERVED_CONFIG, HostSettings(threads=1).env()).threads == 1  # one Spark task's
+    assert ServingSettings.read({}, {}).batch_images == 1  # versions registered before batching
+    with pytest.raises(ValueError, match="unknown settings"):
+        HostSettings.from_env({SETTINGS_ENV: '{"batch": 3}'})
+
+
+def test_importing_the_serving_module_starts_nothing_and_the_entry_file_sets_the_model():
+    import subprocess
+    import sys
+
+    check = ("import mlflow.models.model as m, fashioncap.serving; assert vars(m).get('__mlflow_model__') is None; "
+             "import fashioncap.served_model; assert type(vars(m)['__mlflow_model__']).__name__ == 'Captioner'")
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
