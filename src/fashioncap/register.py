@@ -157,13 +157,15 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
                       registration: str):
     import mlflow
 
+    from . import serving  # what a version serves: its entry file, served_model.py, builds serving.Captioner
+
     run = client.get_run(run_id)
     with tempfile.TemporaryDirectory() as tmp, tracking.resume_run(run_id):
         config = Path(tmp) / "serving_config.json"
         config.write_text(json.dumps(serving_config(params), indent=2))
         with storing(run_id):
             info = mlflow.pyfunc.log_model(
-                name="captioner", python_model=str(Path(__file__).with_name("served_model.py")), code_paths=[str(Path(__file__).parent)],
+                name="captioner", python_model=str(Path(serving.__file__).with_name("served_model.py")), code_paths=[str(Path(__file__).parent)],
                 artifacts={"blip": str(model_dir), "serving_config": str(config)},
                 signature=signature(params), input_example=input_example(data_dir),
                 pip_requirements=pip_requirements())
