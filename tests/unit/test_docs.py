@@ -98,3 +98,20 @@ def test_layout_folders_exist():
                                               "gpu-nvidia-h200-141-gb-torch-2110cu130")])
 def test_anchors_are_made_as_the_site_makes_them(heading, anchor):
     assert slug(heading) == anchor
+
+
+def two_commands(page: Path) -> list[str]:
+    """The commands of the page's "# 1." and "# 2." lines (each the line after its comment)."""
+    lines = page.read_text().splitlines()
+    return [lines[i + 1].strip() for i, line in enumerate(lines) if re.match(r"# [12]\. ", line.strip())]
+
+
+def test_the_two_commands_are_the_same_everywhere_and_ci_runs_exactly_the_test_command():
+    install, test = two_commands(REPO / "README.md")
+    assert "pip install -r requirements.lock" in install and "dvc exp run -S profile=offline" in install
+    assert "pip install -r requirements-test.lock" in test and test.endswith("pytest")
+    for page in ("docs/index.md", "docs/quickstart.md"):
+        assert two_commands(REPO / page) == [install, test], page
+    ci = [line for line in (REPO / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert ci[-1] == test  # CI ends with the README's test command, as written
+    assert any("-r requirements.lock" in line for line in ci) and any("-e ." in line for line in ci)
