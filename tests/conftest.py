@@ -278,11 +278,19 @@ def git(repo: Path, *args: str) -> str:
     return sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], repo).stdout.strip()
 
 
+# A session started by another (tests/e2e/test_hermetic.py) is handed that session's tiny_repo here, and
+# copies it instead of running the same `dvc repro` a second time.
+TINY_REPO_ENV = "FASHIONCAP_TESTS_TINY_REPO"
+
+
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory) -> Path:
     """A user's clone with the tiny offline params committed, `dvc repro` run (with credentials in the
     environment that must never reach MLflow) and its results committed, as one would push them. Built
-    once per session; end-to-end tests work on their own copies (copy_repo) and never change it."""
+    once per session (or copied from the session that started this one); end-to-end tests work on their
+    own copies (copy_repo) and never change it."""
+    if given := os.environ.get(TINY_REPO_ENV):
+        return copy_repo(Path(given), tmp_path_factory.mktemp("tiny-repo") / "repo")
     repo = clone_project(tmp_path_factory.mktemp("tiny-repo") / "repo")
     params = compose([*TINY_OVERRIDES, "evaluate.meteor=true"])
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TINY_REPO_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -57,10 +57,13 @@ def users_world(root: Path) -> dict[str, str]:
             "DVC_GLOBAL_CONFIG_DIR": str(root / "dvc-global"), "GIT_CONFIG_GLOBAL": str(root / "home/.gitconfig")}
 
 
-def test_the_pipeline_module_passes_in_the_users_world_and_leaves_it_untouched(tmp_path):
+def test_the_pipeline_module_passes_in_the_users_world_and_leaves_it_untouched(tmp_path, tiny_repo):
+    """The inner session copies this session's tiny project (built by the same `dvc repro` with the same
+    credentials in its environment) instead of building it again; its own experiments, queued, in a
+    temporary workspace and under `accelerate launch`, all run in the user's world."""
     world = tmp_path / "world"
     world.mkdir()
-    env = {**os.environ, **users_world(world)}
+    env = {**os.environ, **users_world(world), TINY_REPO_ENV: str(tiny_repo)}
     before = snapshot(world)
     report = tmp_path / "pipeline.xml"
     proc = subprocess.run([sys.executable, "-m", "pytest", PIPELINE_MODULE, "-p", "no:cacheprovider", "-q",

@@ -1,8 +1,7 @@
-"""Parallel sweeps lose nothing: queued experiments run by two `dvc queue` workers at once, four against the
-embedded sqlite store (two writers on one file, two rounds) and two against the team's server on PostgreSQL
-(one round: two workers creating the experiment on a fresh server at the same moment, and PostgreSQL
-restarted while they train). Every
-experiment ends in `dvc exp show` with its metrics, as exactly one finished MLflow run with its whole
+"""Parallel sweeps lose nothing: queued experiments run by two `dvc queue` workers at once, two against the
+embedded sqlite store (two writers on one file, registering into one registry) and two against the team's
+server on PostgreSQL (two workers creating the experiment on a fresh server at the same moment, and
+PostgreSQL restarted while they train). Every experiment ends in `dvc exp show` with its metrics, as exactly one finished MLflow run with its whole
 metric history, and as exactly one registered version."""
 
 from __future__ import annotations
@@ -95,7 +94,7 @@ def test_a_parallel_sweep_on_the_embedded_sqlite_store(tiny_repo, tmp_path):
     repo = copy_repo(tiny_repo, tmp_path / "repo")
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     before = len(client.search_model_versions(f"name = '{NAME}'"))
-    names = sweep(repo, "lite")
+    names = sweep(repo, "lite", RATES[2:])
     accounted_for(repo, client, names, before)
 
 
