@@ -122,13 +122,16 @@ def _hermetic_world(tmp_path_factory) -> Path:
     autouse, so it is set up before every other fixture, the session-wide projects included."""
     home = tmp_path_factory.mktemp("home")
     (home / ".gitconfig").write_text(TEST_GIT_IDENTITY)
-    target = hermetic_environ(dict(os.environ), home)
+    target = {k: v for k, v in hermetic_environ(dict(os.environ), home).items() if k not in PINNED_ENV}
     with pytest.MonkeyPatch.context() as patch:
         for key in set(os.environ) - set(target):
             patch.delenv(key)
         for key, value in target.items():
             patch.setenv(key, value)
         yield home
+
+
+PINNED_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS")
 
 
 @pytest.fixture(autouse=True)
@@ -141,12 +144,16 @@ def _quiet_env(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf-datasets"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("DVC_ROOT", raising=False)
-    # a stage run in the test's process pins kernels and threads (numerics): never for the next test's
-    # processes. The variables start unset, so every process a test starts uses this CPU's own kernels.
-    for key in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS"):
-        monkeypatch.delenv(key, raising=False)
+    # a stage run in the test's process pins kernels and threads (numerics, straight into os.environ): never
+    # for the next test's processes, nor for a module's or session's fixture set up before the next test.
+    # Removed before and after each test, and not through monkeypatch: its undo would put back a value a
+    # session fixture's in-process stage pinned before this test began.
+    for key in PINNED_ENV:
+        os.environ.pop(key, None)
     threads = sys.modules["torch"].get_num_threads() if "torch" in sys.modules else None
     yield
+    for key in PINNED_ENV:
+        os.environ.pop(key, None)
     if threads is not None:
         sys.modules["torch"].set_num_threads(threads)
     if "accelerate.state" in sys.modules:  # a stage run in this process fixed Accelerate's precision for it
