@@ -1,8 +1,8 @@
 """Parallel sweeps lose nothing: queued experiments run by two `dvc queue` workers at once, two against the
 embedded sqlite store (two writers on one file, registering into one registry) and two against the team's
 server on PostgreSQL (two workers creating the experiment on a fresh server at the same moment, and
-PostgreSQL restarted while they train). Every experiment ends in `dvc exp show` with its metrics, as exactly one finished MLflow run with its whole
-metric history, and as exactly one registered version."""
+PostgreSQL restarted while they train). Every experiment ends in `dvc exp show` with its metrics, as exactly
+one finished MLflow run with its whole metric history, and as exactly one registered version."""
 
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ packages and nothing else (no test tool, no extra), passes `pip check`, scores t
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from fashioncap.fingerprint import LOCK_FILES, lock_pins
+from fashioncap.register import register
 from tests.conftest import REPO, new_run, png_b64, table
 
 pytestmark = pytest.mark.slow
@@ -48,10 +50,9 @@ def runtime_only_venv(root: Path) -> Path:
 def test_the_wheel_alone_with_the_runtime_lock_scores_and_captions(tmp_path, registry_env, tiny_params):
     # the wheel, built from a copy of the package's sources (a build in place would write into the work tree)
     source = tmp_path / "source"
-    for name in ("pyproject.toml", "README.md"):
-        (source / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, source / name)
     shutil.copytree(REPO / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path / "dist"),
                     str(source)], check=True, capture_output=True, timeout=300)
@@ -86,12 +87,8 @@ def test_the_wheel_alone_with_the_runtime_lock_scores_and_captions(tmp_path, reg
     assert {"bleu_4", "cider_d", "rouge_l", "meteor"} <= set(scores) and 0 < scores["meteor"] < 1, scores
     assert not [k for k in scores if k.startswith("attr/")]  # outside the project: no attribute vocabulary
 
-    client, model_dir, data_dir = registry_env
-    from fashioncap.register import register
-
+    _, model_dir, data_dir = registry_env
     register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(1.0))
-    import base64
-
     (work / "red.png").write_bytes(base64.b64decode(png_b64()))
     captioned = subprocess.run([str(python.parent / "fashioncap"), "caption", "--model",
                                 f"models:/{NAME}@candidate", "--json", str(work / "red.png")], cwd=work,
