@@ -18,6 +18,18 @@ from tests.services import answers, process
 
 free_port = services.free_port  # the test modules import it from here
 
+# Under pytest-xdist two workers share the cores: torch's OpenMP threads must not spin-wait for a core the
+# other worker holds (with the default active wait, two trainings at once ran ten times slower). The policy
+# changes when an idle thread sleeps, never what it computes; set before any torch is loaded, and inherited
+# by every process a test starts.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto`: a worker per core, at most four (each worker's stages use two threads of their own)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

@@ -66,7 +66,7 @@ def test_the_pipeline_module_passes_in_the_users_world_and_leaves_it_untouched(t
     env = {**os.environ, **users_world(world), TINY_REPO_ENV: str(tiny_repo)}
     before = snapshot(world)
     report = tmp_path / "pipeline.xml"
-    proc = subprocess.run([sys.executable, "-m", "pytest", PIPELINE_MODULE, "-p", "no:cacheprovider", "-q",
+    proc = subprocess.run([sys.executable, "-m", "pytest", PIPELINE_MODULE, "-p", "no:cacheprovider", "-q", "-n", "0",
                            f"--basetemp={tmp_path / 'basetemp'}", f"--junitxml={report}"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
