@@ -172,12 +172,47 @@ def _quiet_env(monkeypatch, tmp_path_factory):
         sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
 
 
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """Holds an exclusive lock on `lock_path` (created if missing) for the block: the workers of one run wait
+    for each other on it."""
+    import fcntl
+
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that `build(folder)` fills once per pytest run. Under pytest-xdist the workers share it: the
+    first to ask builds it while the others wait, so a session's project is made once, not once per worker
+    (each worker would take both cores' time to make the same bits)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    folder = tmp_path_factory.getbasetemp().parent / f"built-once-{name}"  # the run's folder, above each worker's
+    with _exclusive(folder.with_suffix(".lock")):
+        if not (folder / ".built").is_file():  # a worker that failed to build left no mark: build again
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, tiny_raw) -> tuple[Path, Path]:
-    """A prepared tiny dataset and an untrained tiny BLIP saved as the train stage saves it."""
+    """A prepared tiny dataset and an untrained tiny BLIP saved as the train stage saves it (read-only: built
+    once per run and shared by the workers)."""
     from fashioncap.config import parse_params
 
-    return untrained_model(parse_params(copy.deepcopy(tiny_raw)), tmp_path_factory.mktemp("tiny-model"))
+    root = built_once(tmp_path_factory, "tiny-model",
+                      lambda folder: untrained_model(parse_params(copy.deepcopy(tiny_raw)), folder))
+    return root / "best", root / "prepared"
 
 
 def untrained_model(params, root: Path) -> tuple[Path, Path]:
@@ -310,7 +345,16 @@ def tiny_repo(tmp_path_factory) -> Path:
     own copies (copy_repo) and never change it."""
     if given := os.environ.get(TINY_REPO_ENV):
         return copy_repo(Path(given), tmp_path_factory.mktemp("tiny-repo") / "repo")
-    repo = clone_project(tmp_path_factory.mktemp("tiny-repo") / "repo")
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _build_tiny_repo(tmp_path_factory.mktemp("tiny-repo"))
+    # under pytest-xdist: built once for the run, and each worker works from a copy of its own (a DVC command
+    # takes the repository's lock, which two workers would contend for)
+    shared = built_once(tmp_path_factory, "tiny-repo", _build_tiny_repo) / "repo"
+    return copy_repo(shared, tmp_path_factory.mktemp("tiny-repo") / "repo")
+
+
+def _build_tiny_repo(root: Path) -> Path:
+    repo = clone_project(root / "repo")
     params = compose([*TINY_OVERRIDES, "evaluate.meteor=true"])
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     git(repo, "commit", "-qam", "tiny params")
