@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.conftest import BIN, FAKE_SECRETS, TINY_OVERRIDES, copy_repo, set_args, sh
+from tests.sweeps import accounted_for, sweep
 
 pytestmark = pytest.mark.slow
 
@@ -25,16 +26,20 @@ def mlflow_client(repo: Path):
     return MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
 
 
+SWEEP_RATES = ("0.002", "0.003")  # neither is the committed run's 0.001: both train
+SWEPT = [f"tiny-queued-{rate}" for rate in SWEEP_RATES]
+QUEUED = SWEPT[0]  # the queued experiment the comparisons below name
+
+
 @pytest.fixture(scope="module")
 def first_run(tiny_repo, tmp_path_factory):
     """A copy of the committed tiny project (`dvc repro` of the offline profile, results committed), then
-    two experiments that leave its workspace as it was: a queued one with another learning rate and one
-    that runs the pipeline up to `train` under `accelerate launch` with two processes (--temp). All run
-    before any test, so the tests only read and pass in any order."""
+    experiments that leave its workspace as it was: a sweep of two queued ones with other learning rates,
+    run by two `dvc queue` workers at once on the embedded sqlite store, and one that runs the pipeline up to
+    `train` under `accelerate launch` with two processes (--temp). All run before any test, so the tests
+    only read and pass in any order."""
     repo = copy_repo(tiny_repo, tmp_path_factory.mktemp("pipeline") / "repo")
-    sh([str(BIN / "dvc"), "exp", "run", "--queue", "-n", "tiny-queued", *set_args([*TINY_OVERRIDES, "train.lr=0.002"])],
-       repo)
-    sh([str(BIN / "dvc"), "exp", "run", "--run-all"], repo)
+    assert sweep(repo, "tiny-queued", SWEEP_RATES) == SWEPT
     launcher = "train.launcher=accelerate launch --config_file conf/accelerate/ddp_cpu.yaml"
     sh([str(BIN / "dvc"), "exp", "run", "--temp", "-n", "tiny-ddp", *set_args([*TINY_OVERRIDES, launcher]), "train"],
        repo)
@@ -114,14 +119,14 @@ def test_one_mlflow_run_with_params_loss_history_and_eval_metrics(first_run):
     exp = client.get_experiment_by_name("fashioncap")
     assert exp.artifact_location.removeprefix("file://").startswith(str(first_run / "mlruns"))
     by_name = runs_by_experiment(first_run)
-    assert {name: len(runs) for name, runs in by_name.items()} == {None: 1, "tiny-queued": 1, "tiny-ddp": 1}
+    assert {name: len(runs) for name, runs in by_name.items()} == {None: 1, **{n: 1 for n in SWEPT}, "tiny-ddp": 1}
     [run] = by_name[None]  # one MLflow run per pipeline execution
     run_ref = json.loads((first_run / "models/run.json").read_text())
     assert run.info.run_id == run_ref["run_id"]
     assert run.data.params["train.max_steps"] == "12" and run.data.params["profile"] == "offline"
     assert run.data.tags["mlflow.source.git.commit"]
     assert run.info.run_name == "repro-offline-scratch-lr0.001"
-    assert by_name["tiny-queued"][0].info.run_name == "tiny-queued-offline-scratch-lr0.002"
+    assert by_name[QUEUED][0].info.run_name == f"{QUEUED}-offline-scratch-lr0.002"
     history = client.get_metric_history(run.info.run_id, "train_loss")
     assert sorted(m.step for m in history) == list(range(1, 13))
     assert len(client.get_metric_history(run.info.run_id, "val_cider_d")) == 2
@@ -189,7 +194,7 @@ def test_report_renders_offline_in_headless_chromium_with_every_image(first_run,
 def test_params_show_in_dvc_exp_show_and_params_diff(first_run):
     shown = json.loads(sh([str(BIN / "dvc"), "exp", "show", "--json"], first_run).stdout)
     text = json.dumps(shown)
-    assert "tiny-queued" in text and '"profile": "offline"' in text
+    assert QUEUED in text and '"profile": "offline"' in text
     # the tiny params against the project's own, commit to commit (HEAD~2 is the clone as it came)
     diff = sh([str(BIN / "dvc"), "params", "diff", "HEAD~2", "HEAD", "--json"], first_run).stdout
     changed = json.loads(diff)["params.yaml"]
@@ -202,26 +207,32 @@ def test_queued_and_temporary_experiments_land_in_the_same_store(first_run):
     client = mlflow_client(repo)
     exp = client.get_experiment_by_name("fashioncap")
     names = {r.data.tags.get("dvc.exp_name") for r in client.search_runs([exp.experiment_id])}
-    assert {None, "tiny-queued", "tiny-ddp"} <= names
+    assert {None, *SWEPT, "tiny-ddp"} <= names
     assert not list((repo / ".dvc" / "tmp").rglob("mlflow.db"))
-    assert len(list((repo / "mlruns").rglob("loss_curve.png"))) == 3
-    assert {str(v.version) for v in client.search_model_versions("name = 'fashion-captioner'")} == {"1", "2"}
+    assert len(list((repo / "mlruns").rglob("loss_curve.png"))) == 4
+    assert {str(v.version) for v in client.search_model_versions("name = 'fashion-captioner'")} == {"1", "2", "3"}
+
+
+def test_a_parallel_sweep_on_the_embedded_sqlite_store(first_run):
+    """Two `dvc queue` workers on one sqlite file, registering into one registry: each experiment in
+    `dvc exp show` with its metrics, one finished run with its whole history, one version (tests/sweeps.py)."""
+    accounted_for(first_run, mlflow_client(first_run), SWEPT, 1)  # version 1 is the committed run's
 
 
 def test_dvc_compares_experiments_curves_metrics_and_changed_params(first_run):
     repo = first_run
     shown = sh([str(BIN / "dvc"), "exp", "show", "--only-changed", "--csv"], repo).stdout
     rows = {r["Experiment"]: r for r in csv.DictReader(io.StringIO(shown)) if r["Experiment"]}
-    assert {"tiny-ddp", "tiny-queued"} <= set(rows)
-    assert rows["tiny-ddp"]["train.lr"] != rows["tiny-queued"]["train.lr"]
+    assert {"tiny-ddp", QUEUED} <= set(rows)
+    assert rows["tiny-ddp"]["train.lr"] != rows[QUEUED]["train.lr"]
     header = shown.splitlines()[0].split(",")
     assert any(h.endswith("after.cider_d") for h in header) and "train.lr" in header
     assert "seed" not in header and "tracking.experiment" not in header  # unchanged params are left out
-    plots = json.loads(sh([str(BIN / "dvc"), "plots", "diff", "tiny-ddp", "tiny-queued", "--json"], repo).stdout)
+    plots = json.loads(sh([str(BIN / "dvc"), "plots", "diff", "tiny-ddp", QUEUED, "--json"], repo).stdout)
     plots = plots["data"]
     for title in ("Training loss", "Validation loss", "Validation CIDEr-D"):
         revisions = {point["rev"] for point in plots[title][0]["content"]["data"]["values"]}
-        assert revisions == {"tiny-ddp", "tiny-queued"}, title
+        assert revisions == {"tiny-ddp", QUEUED}, title
 
 
 def test_train_stage_runs_under_accelerate_launch_with_two_processes(first_run):

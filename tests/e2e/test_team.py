@@ -13,12 +13,14 @@ import sys
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import BIN, TINY_OVERRIDES, copy_repo, git, png_b64, set_args, sh
+from tests.sweeps import RATES, accounted_for, sweep
 from tests.services import DVC_BUCKET, MLFLOW_BUCKET, S3, Services, answers, free_port, mlflow_server, process, \
     team_services
 
@@ -317,3 +319,50 @@ def test_dvc_push_with_s3_down_fails_clearly_and_the_next_push_completes(team):
     assert failed.returncode != 0 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
     assert "Could not connect to the endpoint URL" in failed.stderr, failed.stderr[-2000:]  # DVC names the store
     assert json.loads(dvc(["status", "--cloud", "--json"], team.a).stdout) == {}  # everything is on the remote
+
+
+# The PostgreSQL-restart sweep runs on this module's services (one service set for both): an experiment and a
+# registered model of its own, so the versions and runs the tests above count are the team's alone.
+SWEEP_EXPERIMENT, SWEEP_MODEL = "team-sweep", "sweep-captioner"
+RESTART = 5  # seconds PostgreSQL is down
+
+
+def restart_postgres_mid_run(services: Services) -> Callable[[], None]:
+    """Once a worker's run has started, PostgreSQL stops (fast shutdown), stays down RESTART seconds and
+    starts again: the tracking server answers 503 meanwhile, MLflow's clients retry, and its connection pool
+    (pool_pre_ping) reconnects."""
+    import time
+
+    from mlflow import MlflowClient
+
+    def restart() -> None:
+        client, deadline = MlflowClient(services.url), time.monotonic() + 600
+        while True:
+            experiment = client.get_experiment_by_name(SWEEP_EXPERIMENT)
+            running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'") \
+                if experiment else []
+            if running:
+                break
+            assert time.monotonic() < deadline, "no worker's run ever started"
+            time.sleep(0.1)
+        services.pg.service.stop()
+        time.sleep(RESTART)
+        services.pg.service.start()
+
+    return restart
+
+
+def test_a_parallel_sweep_against_the_team_server_through_a_postgresql_restart(services, tiny_repo, tmp_path):
+    """Two `dvc queue` workers create the sweep's experiment on the server at the same moment, and PostgreSQL
+    restarts while they train: both experiments end with one FINISHED run each (whole metric history) and one
+    version each (tests/sweeps.py)."""
+    from mlflow import MlflowClient
+
+    repo = copy_repo(tiny_repo, tmp_path / "repo")
+    client = MlflowClient(services.url)
+    assert client.get_experiment_by_name(SWEEP_EXPERIMENT) is None  # the workers race to create it
+    names = sweep(repo, "team", RATES[:2], restart_postgres_mid_run(services),
+                  (f"tracking.experiment={SWEEP_EXPERIMENT}", f"registry.name={SWEEP_MODEL}"),
+                  MLFLOW_TRACKING_URI=services.url)  # workers inherit the environment
+    accounted_for(repo, client, names, 0, SWEEP_EXPERIMENT, SWEEP_MODEL)
+    assert "database system is shut down" in (services.root / "pg" / "postgres.log").read_text()
