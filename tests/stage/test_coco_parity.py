@@ -100,8 +100,11 @@ def test_tokens_are_identical_to_the_java_tokenizer(corpus, case):
     assert len(differ) <= len(captions) // 1000, differ  # >= 99.9% identical: here, every one
 
 
-# derandomized: the same four examples every run. A random one found a case still open, "MoDEl iS 175 cm / 5'9\" aND
-# weaRs siZe M." (Java: "... size m", ours: "... size m."), which would fail CI at random until ptb.py handles it
+# derandomized: the same four examples every run. A random one found a case still open: Java reads the captions of
+# one run as one text, and a single letter with a period ("... size M.") loses its period before one of the words
+# that usually start a sentence ("A", "An", "The", "THE", "This", "It", "He", "She", "We", "They", "In", "At", "As",
+# "But", "If", "There", "That", "Our", "What"; not "I", "And", "On", "For", "To", "With", "Dress"), the next
+# caption's first word included, which ptb.py does not yet do and would fail CI at random until it does
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 2**32 - 1)), min_size=40, max_size=40))
 def test_tokens_are_identical_to_the_java_tokenizer_in_any_mix_of_cases(picks):
