@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .ptb import coco_tokens
+from .ptb import coco_corpus
 from .runtime import FashioncapError
 
 
@@ -61,7 +61,9 @@ def tokenised(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) ->
         raise ValueError(f"{len(references)} reference lists but {len(hypotheses)} hypotheses")
     if any(len(refs) == 0 for refs in references):
         raise ValueError("every hypothesis needs at least one reference")
-    return [[coco_tokens(r) for r in refs] for refs in references], [coco_tokens(h) for h in hypotheses]
+    # each side as one run of COCO's tokenizer: the references of all items in order, then the hypotheses
+    flat = iter(coco_corpus([r for refs in references for r in refs]))
+    return [[next(flat) for _ in refs] for refs in references], coco_corpus(hypotheses)
 
 
 def _split(references: Sequence[Sequence[str]], hypotheses: Sequence[str], n: int):

@@ -19,12 +19,16 @@ fashion-style captions (tests/unit/test_ptb.py keeps the Java tokenizer as the o
   "'tis" is "'t is";
 - "<...>" stays one token (SGML), only (), [] and {} are brackets;
 - contractions, possessives and quotes are found in any case ("MEN'S", "DON'T", "IsN't"), as Stanford's
-  lexer does: product copy is often in capitals.
+  lexer does: product copy is often in capitals;
+- a single letter's period is split off before a word that usually starts a sentence ("size M. The" ->
+  "M . The", but "size M. Dress"), also across captions: COCO tokenises a set of captions as one text, a
+  caption a line, so a caption's last token depends on the next caption's first word (`coco_corpus`).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from functools import lru_cache
 
 # pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS, compared after lower-casing as there: the bracket
@@ -46,6 +50,13 @@ _ABBREVIATION = re.compile(
     rf"[A-Za-z]|{_TITLES}|vs|Alex|Wm|Jos|Cie|cf|TREAS|[A-Za-z](?:\.[A-Za-z])+|(?:Ed|Ph)\.D|a\.k\.a)\.", re.I)
 _BEFORE_NUMBER = re.compile(r"(?:ca|figs?|prop|nos?|art|bldg|pp|op)\.", re.I)
 _FRACTIONS = {"\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3"}
+# after "X." these start a sentence for Stanford's lexer (capitalised; the rest of the word in any case): each
+# one measured against the Java tokenizer, as were words it does not split before ("I", "And", "On", "For",
+# "Its", "Those", "Dress", "Slim", ...)
+_SENTENCE_STARTS = frozenset("""a an the this that these it he she we they you her our their in at as but so yet if
+when while what however there here then after since once now some many one""".split())
+_LETTER_PERIOD = re.compile(r"[A-Za-z]\.")
+_FIRST_WORD = re.compile(r"\s*([A-Za-z]+)(?![A-Za-z])")
 _DECIMAL_UNIT = re.compile(r"^(\d*\.\d+)([A-Za-z]+)$")
 _SLASHED = re.compile(r"^[\w.-]+(?:/[\w.-]+)+$")
 _DECIMAL = re.compile(r"\d\.\d")
@@ -110,10 +121,18 @@ def _split_slashes(token: str) -> list[str]:
     return out
 
 
+def _starts_sentence(text: str | None) -> bool:
+    """Whether `text` begins with a word after which Stanford's lexer ends a sentence at a letter's period."""
+    word = _FIRST_WORD.match(text or "")
+    return bool(word) and word.group(1)[0].isupper() and word.group(1).lower() in _SENTENCE_STARTS
+
+
 def _split_period(token: str, following: str | None) -> list[str]:
     """A word's final period is a token of its own unless the word is an abbreviation."""
     if len(token) < 2 or not token.endswith(".") or token.endswith(".."):
         return [token]
+    if _LETTER_PERIOD.fullmatch(token) and _starts_sentence(following):
+        return [token[:-1], "."]
     if _ABBREVIATION.fullmatch(token):
         return [token]
     if _BEFORE_NUMBER.fullmatch(token) and following is not None and following[:1].isdigit():
@@ -189,3 +208,14 @@ def coco_tokens(caption: str) -> str:
     """The caption as the COCO evaluation scores it: PTB tokens, lower case, punctuation tokens dropped,
     joined by single spaces."""
     return " ".join(t for t in ptb_tokens(caption) if t not in PUNCTUATIONS)
+
+
+def coco_corpus(captions: Sequence[str]) -> list[str]:
+    """`coco_tokens` of each caption as one run of COCO's tokenizer over all of them (a line each) makes them:
+    a caption ending in a single letter's period loses it where the next caption starts a sentence."""
+    out = [coco_tokens(c) for c in captions]
+    for i in range(len(captions) - 1):
+        if out[i].endswith(".") and _starts_sentence(captions[i + 1]) and _LETTER_PERIOD.fullmatch(
+                ptb_tokens(captions[i])[-1]):
+            out[i] = out[i][:-1]
+    return out

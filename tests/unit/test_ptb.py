@@ -5,7 +5,7 @@ test_coco_parity.py runs the Java tokenizer itself on whole corpora)."""
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from fashioncap.ptb import coco_tokens
+from fashioncap.ptb import coco_corpus, coco_tokens
 
 
 @pytest.mark.parametrize(("caption", "official"), [
@@ -72,6 +72,24 @@ from fashioncap.ptb import coco_tokens
 ])
 def test_tokens_equal_the_official_coco_tokenisation(caption, official):
     assert coco_tokens(caption) == official
+
+
+@pytest.mark.parametrize(("captions", "official"), [
+    # one run of the Java tokenizer, a caption a line: a single letter's period is split off before a word that
+    # starts a sentence, in the caption and across the line break
+    (["wears size M.", "A dress"], ["wears size m", "a dress"]),
+    (["size m.", "THE dress"], ["size m", "the dress"]),
+    (["wears size M.", "a dress"], ["wears size m.", "a dress"]),
+    (["wears size M.", "Dress in jersey"], ["wears size m.", "dress in jersey"]),
+    (["wears size M.", "I like"], ["wears size m.", "i like"]),
+    (["size L.", '"A" dress'], ["size l.", "a dress"]),
+    (["a dress etc.", "The dress"], ["a dress etc.", "the dress"]),
+    (["made in the U.S.", "The dress"], ["made in the u.s.", "the dress"]),
+    (["size M. The dress", "size M. Dress"], ["size m the dress", "size m. dress"]),
+    (["wears size M."], ["wears size m."]),
+])
+def test_a_captions_tokens_follow_the_next_words_as_in_one_coco_run(captions, official):
+    assert coco_corpus(captions) == official
 
 
 def test_punctuation_only_captions_become_empty_or_keep_what_ptb_keeps():
