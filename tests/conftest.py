@@ -18,8 +18,8 @@ from tests.services import answers, process
 
 free_port = services.free_port  # the test modules import it from here
 
-# Under pytest-xdist two workers share the cores: torch's OpenMP threads must not spin-wait for a core the
-# other worker holds (with the default active wait, two trainings at once ran ten times slower). The policy
+# Under pytest-xdist the workers share the cores: torch's OpenMP threads must not spin-wait for a core another
+# worker holds (with the default active wait, two trainings at once ran ten times slower). The policy
 # changes when an idle thread sleeps, never what it computes; set before any torch is loaded, and inherited
 # by every process a test starts.
 if os.environ.get("PYTEST_XDIST_WORKER"):

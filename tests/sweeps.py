@@ -17,13 +17,13 @@ import pytest
 from tests.conftest import BIN, TINY_OVERRIDES, set_args, sh
 
 NAME = "fashion-captioner"
-RATES = ("0.0015", "0.002", "0.003", "0.004")  # none is the committed run's 0.001: each one trains
 
 
-def sweep(repo: Path, prefix: str, rates: tuple[str, ...] = RATES, while_running: Callable[[], None] | None = None,
+def sweep(repo: Path, prefix: str, rates: tuple[str, ...], while_running: Callable[[], None] | None = None,
           overrides: tuple[str, ...] = (), **env: str) -> list[str]:
-    """README's sweep: queue one experiment per rate (with `overrides` on top), then `dvc queue start -j 2`,
-    and wait for it (with `while_running` called on a thread of its own as the workers start)."""
+    """README's sweep: queue one experiment per rate (none the committed run's 0.001, so each one trains; with
+    `overrides` on top), then `dvc queue start -j 2`, and wait for it (with `while_running` called on a thread
+    of its own as the workers start)."""
     names = [f"{prefix}-{rate}" for rate in rates]
     for name, rate in zip(names, rates):
         sh([str(BIN / "dvc"), "exp", "run", "--queue", "-n", name,

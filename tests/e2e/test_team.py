@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import BIN, TINY_OVERRIDES, copy_repo, git, png_b64, set_args, sh
-from tests.sweeps import RATES, accounted_for, sweep
+from tests.sweeps import accounted_for, sweep
 from tests.services import DVC_BUCKET, MLFLOW_BUCKET, S3, Services, answers, free_port, mlflow_server, process, \
     team_services
 
@@ -361,7 +361,7 @@ def test_a_parallel_sweep_against_the_team_server_through_a_postgresql_restart(s
     repo = copy_repo(tiny_repo, tmp_path / "repo")
     client = MlflowClient(services.url)
     assert client.get_experiment_by_name(SWEEP_EXPERIMENT) is None  # the workers race to create it
-    names = sweep(repo, "team", RATES[:2], restart_postgres_mid_run(services),
+    names = sweep(repo, "team", ("0.0015", "0.002"), restart_postgres_mid_run(services),
                   (f"tracking.experiment={SWEEP_EXPERIMENT}", f"registry.name={SWEEP_MODEL}"),
                   MLFLOW_TRACKING_URI=services.url)  # workers inherit the environment
     accounted_for(repo, client, names, 0, SWEEP_EXPERIMENT, SWEEP_MODEL)
