@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import os
 import shutil
 import subprocess
@@ -24,6 +25,18 @@ free_port = services.free_port  # the test modules import it from here
 # by every process a test starts.
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def pytest_configure(config):
+    """The session's collector tuned as a stage's is (fashioncap.runtime.tune_collector): a worker holds torch,
+    transformers and MLflow for its whole life, and every full pass would walk their objects again."""
+    from fashioncap.runtime import COLLECTOR_THRESHOLDS
+
+    gc.set_threshold(*COLLECTOR_THRESHOLDS)
+
+
+def pytest_collection_finish(session):
+    gc.freeze()  # the test modules and what they import live as long as the session
 
 
 def pytest_xdist_auto_num_workers(config) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import promotion, tracking
 from .imaging import IMAGE_SUFFIXES
-from .runtime import FashioncapError, configure_environment, progress, project_root
+from .runtime import FashioncapError, configure_environment, progress, project_root, tune_collector
 
 log = logging.getLogger(__name__)
 DEFAULT_NAME = "fashion-captioner"
@@ -351,6 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     if getattr(args, "model", "unset") is None:
         args.model = f"models:/{model_name(args.name)}@champion"
+    tune_collector()
     configure_environment()
     logging.basicConfig(level=os.environ.get("FASHIONCAP_LOG", "WARNING"), format="%(levelname)s %(message)s")
     try:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import logging
 import os
 import sys
@@ -33,6 +35,22 @@ def configure_environment() -> None:
     """Switches off telemetry for this process and its children, unless the user set the variables."""
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
+
+
+# Python's cyclic collector runs a full pass over every live object each time their number has grown by a
+# quarter, and several more passes while the interpreter shuts down. torch, transformers and MLflow load
+# millions of objects that live as long as the process, so in a stage those passes alone took ~2 s of its
+# start and end (the heavy imports: 7.1 s, 4.4 s with the settings below; 2-core AMD EPYC). A larger first
+# generation makes the passes rare while imports run, and the objects alive at exit are frozen (gc.freeze)
+# so the shutdown passes skip them: their memory goes back with the process. Cycles the stage makes while it
+# works are still collected.
+COLLECTOR_THRESHOLDS = (10_000, 10, 10)
+
+
+def tune_collector() -> None:
+    """Sets this process's collector for a short-lived entry point (see COLLECTOR_THRESHOLDS)."""
+    gc.set_threshold(*COLLECTOR_THRESHOLDS)
+    atexit.register(gc.freeze)
 
 
 def project_root() -> Path:
@@ -80,6 +98,7 @@ def run_stage(main: Callable[[], None]) -> None:
     """Runs an entry point: environment and logging first, and known errors as one paragraph, exit 2."""
     from .config import ConfigError
 
+    tune_collector()
     configure_environment()
     logging.basicConfig(level=os.environ.get("FASHIONCAP_LOG", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")

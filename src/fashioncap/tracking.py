@@ -162,7 +162,8 @@ def stage_run(params: Params, run_id: str, stage: str, inherit_metric=lambda key
 
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
-    own = {k: "null" if v is None else str(v) for k, v in flatten(params).items() if k in set(declared_params(stage))}
+    declared = set(declared_params(stage))
+    own = {k: "null" if v is None else str(v) for k, v in flatten(params).items() if k in declared}
     digest = hashlib.sha256(json.dumps(own, sort_keys=True).encode()).hexdigest()[:16]
     claim = STAGE_PARAM + stage
     parent = client.get_run(run_id)
