@@ -67,14 +67,26 @@ def read_images(spark, source: Path, suffixes: set[str]):
         frame = (spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(str(source))
                  .where(F.col("path").rlike(pattern)))
         return frame.select("path", "content")
-    if source.suffix == ".parquet" or (source.is_file() and source.read_bytes()[:4] == b"PAR1"):
-        frame = spark.read.parquet(str(source))
-        missing = {"path", "image"} - set(frame.columns)
-        if missing:
-            raise CatalogueError(f"{source} lacks the column(s) {sorted(missing)}: a catalogue table has a 'path' "
-                                 "(or id) column and an 'image' column of encoded image bytes")
-        return frame.select(F.col("path").cast("string"), F.col("image").alias("content"))
-    raise CatalogueError(f"{source} is neither a folder of images nor a parquet table")
+    frame = spark.read.parquet(str(source))
+    return frame.select(F.col("path").cast("string"), F.col("image").alias("content"))
+
+
+def check_source(source: Path) -> None:
+    """A folder, or a parquet table with the columns a catalogue needs: checked before Spark starts (a JVM
+    and its workers take seconds to start, and a wrong path should not wait for them)."""
+    if not source.exists():
+        raise CatalogueError(f"{source} does not exist")
+    if source.is_dir():
+        return
+    with open(source, "rb") as handle:
+        if source.suffix != ".parquet" and handle.read(4) != b"PAR1":
+            raise CatalogueError(f"{source} is neither a folder of images nor a parquet table")
+    import pyarrow.parquet as pq
+
+    missing = {"path", "image"} - set(pq.read_schema(source).names)
+    if missing:
+        raise CatalogueError(f"{source} lacks the column(s) {sorted(missing)}: a catalogue table has a 'path' "
+                             "(or id) column and an 'image' column of encoded image bytes")
 
 
 def caption_catalogue(spark, source: Path, output: Path, model_uri: str, tracking_uri: str, batch_images: int) -> dict:
@@ -111,8 +123,7 @@ def run(source: Path, output: Path, model_uri: str, master: str, batch_images: i
     from . import tracking
     from .serving import HostSettings
 
-    if not source.exists():
-        raise CatalogueError(f"{source} does not exist")
+    check_source(source)
     tracking_uri = tracking.tracking_uri()
     # the Python workers Spark starts inherit these: the registry, and one torch thread pool per task
     os.environ.update({"MLFLOW_TRACKING_URI": tracking_uri, **HostSettings(threads=threads).env()})

@@ -233,8 +233,24 @@ def log_dataset(data_dir: Path, context: str) -> str:
 
     digest = lineage.lock_digests(Path("dvc.lock")).get(data_dir.as_posix()) or lineage.dataset_digest(data_dir)
     dataset = MetaDataset(resolve_dataset_source(data_dir.resolve().as_uri()), name=data_dir.name, digest=digest)
-    _mlflow().log_input(dataset, context=context)
+    try:
+        _mlflow().log_input(dataset, context=context)
+    except Exception as error:
+        # the workers of a sweep train on the same prepared data: two that log it at the same moment both find
+        # no row for it in the experiment and both insert one, and the store refuses the second (MLflow's
+        # server answers 400 with the database's unique-key error). The row is there now: logging again links it.
+        if not duplicate_key(error):
+            raise
+        log.info("dataset %s was logged by a parallel run at the same moment; linking it", data_dir.name)
+        _mlflow().log_input(dataset, context=context)
     return digest
+
+
+def duplicate_key(error: BaseException) -> bool:
+    """Whether the store refused a row because another writer inserted the same key first (PostgreSQL, MySQL
+    or SQLite, directly or through a tracking server)."""
+    marks = ("UniqueViolation", "duplicate key value", "UNIQUE constraint failed", "Duplicate entry")
+    return any(m in str(error) for m in marks)
 
 
 def resume_run(run_id: str, system_metrics: bool = False):

@@ -63,6 +63,7 @@ class Team:
     services: Services
     outage: float  # seconds the tracking server was down while A trained
     push_without_s3: subprocess.CompletedProcess  # A's first `dvc push`, with the S3 server down
+    register_without_s3: subprocess.CompletedProcess  # outage_register(), in the same outage
 
 
 OUTAGE = 30  # seconds
@@ -114,9 +115,15 @@ def team(services, tiny_repo, tmp_path_factory) -> Team:
                                                                                    "train.log_every=1"])],
         a, {"MLFLOW_TRACKING_URI": services.url})
     run_id = json.loads((a / "models/run.json").read_text())["run_id"]
-    services.s3.service.stop()  # S3 down: the push fails, saying so; pushed again once it is back
-    push_without_s3 = subprocess.run([str(BIN / "dvc"), "push"], cwd=a, capture_output=True, text=True, timeout=600)
-    services.s3.service.start()
+    # S3 down (once for both: a restart of the store takes ~20 s): the push and a register fail, saying so;
+    # the tests below run them again once it is back
+    services.s3.service.stop()
+    try:
+        push_without_s3 = subprocess.run([str(BIN / "dvc"), "push"], cwd=a, capture_output=True, text=True,
+                                         timeout=600)
+        register_without_s3 = outage_register(a, root, services)
+    finally:
+        services.s3.service.start()
     dvc(["push"], a)
     dvc(["exp", "push", "origin", "team-run"], a)
 
@@ -124,7 +131,7 @@ def team(services, tiny_repo, tmp_path_factory) -> Team:
     b = root / "b"
     credentials(b, services.s3)
     dvc(["exp", "pull", "origin", "team-run"], b)
-    return Team(a, b, run_id, services, outage, push_without_s3)
+    return Team(a, b, run_id, services, outage, push_without_s3, register_without_s3)
 
 
 def test_a_runs_metrics_and_params_reach_the_server(team):
@@ -135,8 +142,14 @@ def test_a_runs_metrics_and_params_reach_the_server(team):
     experiment = api(base, "experiments/get-by-name", experiment_name="fashioncap")["experiment"]
     assert experiment["artifact_location"].startswith("mlflow-artifacts:")  # the server's store, not a local path
     runs = api(base, "runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
-    assert [r["info"]["run_id"] for r in runs] == [team.run_id]
-    run = runs[0]
+    parents = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"]["tags"]}.get("mlflow.parentRunId")
+               for r in runs}
+    assert [r for r, parent in parents.items() if parent is None] == [team.run_id]
+    # and only the S3-outage register's own run beside it (its registry name differs), nested under it
+    nested = [r for r in runs if parents[r["info"]["run_id"]]]
+    assert [parents[r["info"]["run_id"]] for r in nested] == [team.run_id] * len(nested) and len(nested) <= 1
+    assert all({p["key"]: p["value"] for p in r["data"]["params"]}["registry.name"] == OUTAGE_MODEL for r in nested)
+    [run] = [r for r in runs if r["info"]["run_id"] == team.run_id]
     tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
     assert tags["dvc.exp_name"] == "team-run" and params["train.max_steps"] == "12"
@@ -278,35 +291,39 @@ print(client.get_model_version_by_alias("{NAME}", "champion").version)
     assert proc.returncode != 0 and "401" in proc.stderr
 
 
-def test_register_with_s3_down_registers_nothing_and_its_rerun_registers_once(team, tmp_path):
-    """S3 down during register's artifact upload: a clear error, no version, no run left RUNNING; once S3
-    is back the same command registers exactly one version. (A registry of its own name, so the versions of
-    the tests above stay as they are.)"""
-    import yaml
-    from mlflow import MlflowClient
+OUTAGE_MODEL = "outage-captioner"  # the registry of the S3-outage register, so the versions above stay as they are
 
-    raw = yaml.safe_load((team.a / "params.yaml").read_text())
-    raw["registry"]["name"] = "outage-captioner"
-    params = tmp_path / "params.yaml"
+
+def outage_register(repo: Path, root: Path, services: Services) -> subprocess.CompletedProcess:
+    """The register stage of A's experiment, into OUTAGE_MODEL, against the team server."""
+    import yaml
+
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw["registry"]["name"] = OUTAGE_MODEL
+    params = root / "outage-params.yaml"
     params.write_text(yaml.safe_dump(raw))
     command = [sys.executable, "-m", "fashioncap.register", "--params", str(params), "--data", "data/prepared",
                "--model-dir", "models/best", "--run-ref", "models/eval_run.json", "--eval", "metrics/eval.json",
-               "--out", str(tmp_path / "registered.json")]
-    env = {**os.environ, "PYTHONPATH": "src", "MLFLOW_TRACKING_URI": team.services.url,
+               "--out", str(root / "outage-registered.json")]
+    env = {**os.environ, "PYTHONPATH": "src", "MLFLOW_TRACKING_URI": services.url,
            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2"}  # fewer retries than the default's ~2 minutes of them
-    client = MlflowClient(team.services.url)
-    team.services.s3.service.stop()
-    try:
-        failed = subprocess.run(command, cwd=team.a, env=env, capture_output=True, text=True, timeout=600)
-    finally:
-        team.services.s3.service.start()
+    return subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_register_with_s3_down_registers_nothing_and_its_rerun_registers_once(team):
+    """S3 down during register's artifact upload: a clear error, no version, no run left RUNNING; once S3
+    is back the same command registers exactly one version."""
+    from mlflow import MlflowClient
+
+    failed = team.register_without_s3
     assert failed.returncode == 2, failed.stderr[-3000:]
     assert "Nothing was registered" in failed.stderr and "Traceback" not in failed.stderr
-    assert client.search_model_versions("name = 'outage-captioner'") == []
+    client = MlflowClient(team.services.url)
+    assert client.search_model_versions(f"name = '{OUTAGE_MODEL}'") == []
     models_before = [k for k in team.services.s3.keys(MLFLOW_BUCKET) if k.endswith("/MLmodel")]
-    proc = subprocess.run(command, cwd=team.a, env=env, capture_output=True, text=True, timeout=600)
+    proc = outage_register(team.a, team.a.parent, team.services)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    [version] = client.search_model_versions("name = 'outage-captioner'")
+    [version] = client.search_model_versions(f"name = '{OUTAGE_MODEL}'")
     assert version.status == "READY"
     models_after = [k for k in team.services.s3.keys(MLFLOW_BUCKET) if k.endswith("/MLmodel")]
     assert len(models_after) == len(models_before) + 1  # the re-run's model reached S3, whole

@@ -55,3 +55,41 @@ def test_a_reused_pid_does_not_keep_a_dead_run_alive():
     assert tracking._alive(f"{host}:{pid}:{float(created) - 100:.2f}") is False
     assert tracking._alive(f"{host}:999999999:{created}") is False
     assert tracking._alive(f"elsewhere:{pid}:{created}") is None
+
+
+def test_a_dataset_another_run_inserted_at_the_same_moment_is_linked_not_an_error(tmp_path, monkeypatch):
+    """Two sweep workers log the same prepared data at once: the store refuses the loser's insert with a
+    unique-key error (as MLflow's server on PostgreSQL answers it); the loser links the winner's row."""
+    import mlflow
+    from mlflow.exceptions import RestException
+    from mlflow.tracking.client import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setattr("mlflow.tracking._tracking_service.utils._tracking_uri", uri)  # the fluent API's, undone after
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "prepared"
+    data.mkdir()
+    (data / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    real, calls = MlflowClient.log_inputs, []
+
+    def winner_first(self, run_id, datasets=None, models=None):
+        calls.append(run_id)
+        if len(calls) == 1:  # the winner's row goes in, and this writer's insert is refused
+            other = MlflowClient(uri).create_run(experiment).info.run_id
+            real(self, other, datasets, models)
+            raise RestException({"error_code": "BAD_REQUEST", "message": "(psycopg.errors.UniqueViolation) duplicate "
+                                 "key value violates unique constraint \"dataset_pk\""})
+        return real(self, run_id, datasets, models)
+
+    monkeypatch.setattr(MlflowClient, "log_inputs", winner_first)
+    experiment = mlflow.set_experiment("fashioncap").experiment_id
+    with mlflow.start_run() as run:
+        digest = tracking.log_dataset(data, context="train")
+    inputs = MlflowClient(uri).get_run(run.info.run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("prepared", digest)] and len(calls) == 2
+    with pytest.raises(RestException, match="not a race"):  # any other refusal is still an error
+        monkeypatch.setattr(MlflowClient, "log_inputs", lambda *a, **k: (_ for _ in ()).throw(
+            RestException({"error_code": "BAD_REQUEST", "message": "not a race"})))
+        with mlflow.start_run():
+            tracking.log_dataset(data, context="train")
