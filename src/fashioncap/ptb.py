@@ -56,7 +56,8 @@ _FRACTIONS = {"\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3"
 _SENTENCE_STARTS = frozenset("""a an the this that these it he she we they you her our their in at as but so yet if
 when while what however there here then after since once now some many one""".split())
 _LETTER_PERIOD = re.compile(r"[A-Za-z]\.")
-_FIRST_WORD = re.compile(r"\s*([A-Za-z]+)(?![A-Za-z])")
+_ATTACHED = re.compile(r"'(?:s|re|ll|d|m|ve)|n't|[,;:.!?%]", re.I)  # what nltk splits off the word before it
+_FIRST_WORD = re.compile(r"\s*([A-Za-z]+)(?=\s|$)")  # a whole word: "It's", "It," and "It." start none
 _DECIMAL_UNIT = re.compile(r"^(\d*\.\d+)([A-Za-z]+)$")
 _SLASHED = re.compile(r"^[\w.-]+(?:/[\w.-]+)+$")
 _DECIMAL = re.compile(r"\d\.\d")
@@ -183,6 +184,8 @@ def _slow_tokens(caption: str) -> list[str]:
     tokens: list[str] = []
     for i, token in enumerate(raw):
         following = raw[i + 1] if i + 1 < len(raw) else None
+        if following and i + 2 < len(raw) and _ATTACHED.fullmatch(raw[i + 2]):
+            following += raw[i + 2]  # nltk split "It's" and "It," apart: the word was not whole
         for piece in _split_slashes(token):
             unit = _DECIMAL_UNIT.match(piece)
             pieces = [unit.group(1), unit.group(2)] if unit else [piece]

@@ -1,5 +1,7 @@
 """Free-space preflights: a stage that would fill the disk stops before writing, saying what it needs."""
 
+from pathlib import Path
+
 import pytest
 
 from fashioncap import disk
@@ -21,8 +23,14 @@ def test_require_names_the_need_the_free_space_and_the_clean_up(tmp_path, monkey
         disk.require(tmp_path, 7_200_000_000, "training")
 
 
-def test_free_bytes_measures_the_nearest_existing_folder(tmp_path):
-    assert disk.free_bytes(tmp_path / "a" / "b") == disk.free_bytes(tmp_path) > 0
+def test_free_bytes_measures_the_nearest_existing_folder(tmp_path, monkeypatch):
+    # which folder is measured, not how much is free: other processes (parallel test workers) write meanwhile
+    import shutil
+
+    measured, real = [], shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: measured.append(Path(path)) or real(path))
+    assert disk.free_bytes(tmp_path / "a" / "b") > 0
+    assert measured == [tmp_path.resolve()]
 
 
 def test_prepare_stops_before_replacing_its_output_when_the_disk_is_full(tmp_path, monkeypatch, tiny_params):

@@ -87,6 +87,13 @@ def test_tokens_equal_the_official_coco_tokenisation(caption, official):
     (["made in the U.S.", "The dress"], ["made in the u.s.", "the dress"]),
     (["size M. The dress", "size M. Dress"], ["size m the dress", "size m. dress"]),
     (["wears size M."], ["wears size m."]),
+    # the word that starts the sentence must be whole: a clitic or a comma after it, and Java keeps the period
+    (["wears size M.", "It's a hoodie"], ["wears size m.", "it 's a hoodie"]),
+    (["wears size M.", "It'S a hoodie"], ["wears size m.", "it 's a hoodie"]),
+    (["wears size M.", "It, a hoodie"], ["wears size m.", "it a hoodie"]),
+    (["wears size M.", "It"], ["wears size m", "it"]),
+    (["wears size M. It's a hoodie."], ["wears size m. it 's a hoodie"]),
+    (["wears size M. It, a hoodie"], ["wears size m. it a hoodie"]),
 ])
 def test_a_captions_tokens_follow_the_next_words_as_in_one_coco_run(captions, official):
     assert coco_corpus(captions) == official
