@@ -170,6 +170,7 @@ def _quiet_env(monkeypatch, tmp_path_factory):
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf-datasets"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # mlflow.set_experiment exports it, for good
     monkeypatch.delenv("DVC_ROOT", raising=False)
     # a stage run in the test's process pins kernels and threads (numerics, straight into os.environ): never
     # for the next test's processes, nor for a module's or session's fixture set up before the next test.

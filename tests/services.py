@@ -216,6 +216,23 @@ def s3_server(root: Path, buckets: tuple[str, ...]) -> Iterator[S3]:
     access key made for this run; the buckets are created before it is handed out."""
     root.mkdir(parents=True, exist_ok=True)
     (root / "data").mkdir(exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        # a free port can be taken before the server binds it (an outgoing connection of a parallel test worker
+        # gets one from the same range): a start that fails so is tried again on other ports
+        for attempt in range(3):
+            store, args = _s3_command(root)
+            try:
+                # SeaweedFS takes ~25 s to shut down gracefully; its data is thrown away, so 3 s is enough
+                service = stack.enter_context(Service(args, _s3_ready(store, buckets), root.parent / f"{root.name}.log",
+                                                      timeout=90, grace=3))
+                break
+            except RuntimeError as error:
+                if "address already in use" not in str(error) or attempt == 2:
+                    raise
+        yield dataclasses.replace(store, service=service)
+
+
+def _s3_command(root: Path) -> tuple[S3, list[str]]:
     store = S3(f"http://127.0.0.1:{free_port()}", "fc" + secrets.token_hex(8), secrets.token_urlsafe(24))
     config = root / "s3.json"
     config.write_text(json.dumps({"identities": [{
@@ -228,7 +245,10 @@ def s3_server(root: Path, buckets: tuple[str, ...]) -> Iterator[S3]:
               for name, port in ports.items()],
             "-filer", "-s3", f"-s3.port={store.endpoint.rsplit(':', 1)[1]}", f"-s3.config={config}",
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=64", "-master.volumeSizeLimitMB=64"]
+    return store, args
 
+
+def _s3_ready(store: S3, buckets: tuple[str, ...]) -> Callable[[], bool]:
     def ready() -> bool:
         try:
             for bucket in buckets:
@@ -238,9 +258,7 @@ def s3_server(root: Path, buckets: tuple[str, ...]) -> Iterator[S3]:
         except Exception:  # not up yet: connection refused, or the filer not ready
             return False
 
-    # SeaweedFS takes ~25 s to shut down gracefully; its data is thrown away, so 3 s is enough
-    with Service(args, ready, root.parent / f"{root.name}.log", timeout=90, grace=3) as service:
-        yield dataclasses.replace(store, service=service)
+    return ready
 
 
 @contextlib.contextmanager

@@ -83,13 +83,14 @@ def test_a_dataset_another_run_inserted_at_the_same_moment_is_linked_not_an_erro
         return real(self, run_id, datasets, models)
 
     monkeypatch.setattr(MlflowClient, "log_inputs", winner_first)
-    experiment = mlflow.set_experiment("fashioncap").experiment_id
-    with mlflow.start_run() as run:
+    # not mlflow.set_experiment: it exports MLFLOW_EXPERIMENT_ID to this process's environment
+    experiment = MlflowClient(uri).create_experiment("fashioncap")
+    with mlflow.start_run(experiment_id=experiment) as run:
         digest = tracking.log_dataset(data, context="train")
     inputs = MlflowClient(uri).get_run(run.info.run_id).inputs.dataset_inputs
     assert [(i.dataset.name, i.dataset.digest) for i in inputs] == [("prepared", digest)] and len(calls) == 2
     with pytest.raises(RestException, match="not a race"):  # any other refusal is still an error
         monkeypatch.setattr(MlflowClient, "log_inputs", lambda *a, **k: (_ for _ in ()).throw(
             RestException({"error_code": "BAD_REQUEST", "message": "not a race"})))
-        with mlflow.start_run():
+        with mlflow.start_run(experiment_id=experiment):
             tracking.log_dataset(data, context="train")
