@@ -22,6 +22,13 @@ from fashioncap.ptb import coco_corpus, coco_tokens
     ("Dungarees with straps & buttons", "dungarees with straps & buttons"),
     ("H&M top", "h&m top"),
     ("at&t phone", "at & t phone"),
+    # capitals joined by "&" are one token only where a token starts, and end one
+    ("aT&T pHONe cAsE.", "at & t phone case"),
+    ("AT&Ts and M&Ms", "at&t s and m&m s"),
+    ("x-AT&T, R&D/Q&A, A&B&c", "x-at & t r&d / q&a a&b & c"),
+    ("AT&T-style (AT&T)", "at&t style -lrb- at&t -rrb-"),
+    # a hyphen, period or underscore starting or ending a word is split off; before a digit it stays
+    ("a -y .com _5 -5 .5 y- z_", "a y com _ 5 -5 .5 y z _"),
     ("Shoes with Velcro® fastenings, 20° wash", "shoes with velcro ® fastenings 20 ° wash"),
     ("~5 cm", "~ 5 cm"),
     # slashes: no escaping, at most three words joined
