@@ -82,15 +82,42 @@ TINY_OVERRIDES = [
 ]
 
 
+# The modules that take longest (wall clock, under three workers on two cores), longest first. pytest-xdist
+# hands whole modules (`--dist loadfile`) to the workers in collection order (`--no-loadscope-reorder`; its
+# default order, most tests first, left the one-test modules that run for minutes to the end, one worker each
+# while the others had finished); the rest follow in their usual order.
+LONGEST_FIRST = (
+    "tests/e2e/test_team.py",  # services, an outage, two clones, a sweep: mostly waiting
+    "tests/e2e/test_hermetic.py",  # the whole pipeline module in a session of its own
+    "tests/model/test_behaviour.py",
+    "tests/e2e/test_benchmarks.py",
+    "tests/e2e/test_reproduce.py",
+    "tests/e2e/test_kill_anywhere.py",
+    "tests/e2e/test_catalogue.py",
+    "tests/e2e/test_rehearsal.py",
+    "tests/stage/test_resume.py",
+    "tests/e2e/test_wheel.py",
+    "tests/e2e/test_distributed.py",
+    "tests/stage/test_registry.py",
+    "tests/stage/test_train.py",
+    "tests/stage/test_coco_parity.py",
+    "tests/e2e/test_serving.py",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before --random-order and --reverse, which then reorder as they do
 def pytest_collection_modifyitems(config, items):
     """tests/e2e/test_hermetic.py runs the whole pipeline module in a shell that names the user's world; when
     it is selected, that module runs there only, not a second time in this process (its tests then count in
-    the hermetic test's own report). Selected alone, the pipeline module runs here as usual."""
+    the hermetic test's own report). Selected alone, the pipeline module runs here as usual. The modules of
+    LONGEST_FIRST come first, in its order (a stable sort: the order within a module stays)."""
     hermetic = [i for i in items if i.path == REPO / "tests/e2e/test_hermetic.py"]
     pipeline = [i for i in items if i.path == REPO / "tests/e2e/test_pipeline.py"]
     if hermetic and pipeline:
         config.hook.pytest_deselected(items=pipeline)
         items[:] = [i for i in items if i not in pipeline]
+    rank = {REPO / path: n for n, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path, len(rank)))
 
 
 def compose(overrides: list[str]) -> dict:

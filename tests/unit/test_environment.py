@@ -37,3 +37,27 @@ def test_this_session_and_the_processes_it_starts_see_only_their_own_world(_herm
         assert environ["HF_HOME"].startswith(str(_hermetic_world))
         assert environ["HF_DATASETS_CACHE"].startswith(str(_hermetic_world.parent))  # the session's own folder
     assert "fashioncap tests" in (_hermetic_world / ".gitconfig").read_text()  # git commits work in a bare HOME
+
+
+def test_the_longest_modules_are_handed_to_the_workers_first(pytestconfig):
+    """The schedule of a parallel run: LONGEST_FIRST's modules first, in its order, each module's tests kept in
+    theirs, and pytest-xdist told to keep that order. A module renamed without the list would quietly lose its
+    place."""
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    from tests.conftest import LONGEST_FIRST, REPO, pytest_collection_modifyitems
+
+    assert all((REPO / path).is_file() for path in LONGEST_FIRST) and len(set(LONGEST_FIRST)) == len(LONGEST_FIRST)
+
+    @dataclass
+    class Item:
+        path: Path
+        name: str
+
+    items = [Item(REPO / "tests/unit/test_ptb.py", "a"), Item(REPO / LONGEST_FIRST[1], "b"),
+             Item(REPO / LONGEST_FIRST[0], "c"), Item(REPO / LONGEST_FIRST[0], "d"),
+             Item(REPO / "tests/unit/test_ptb.py", "e")]
+    pytest_collection_modifyitems(pytestconfig, items)
+    assert [i.name for i in items] == ["c", "d", "b", "a", "e"]
+    assert "--no-loadscope-reorder" in pytestconfig.getini("addopts")
