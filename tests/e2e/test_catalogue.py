@@ -18,7 +18,7 @@ import pytest
 from fashioncap import promotion
 from fashioncap.catalogue import OUTPUT_COLUMNS
 from fashioncap.register import register
-from tests.conftest import new_run, table
+from tests.conftest import SHORT_LIVED_JVM, new_run, table
 
 pyspark = pytest.importorskip("pyspark", reason="the [spark] extra is not installed")
 pytestmark = pytest.mark.slow
@@ -176,7 +176,8 @@ def test_a_standalone_cluster_losing_a_worker_mid_job_still_returns_every_photo_
         out = tmp_path / "captions.parquet"
         # a task for every photo or two, so that each worker has several to lose
         job_env = {**spark_env, "PYSPARK_SUBMIT_ARGS": "--conf spark.sql.files.maxPartitionBytes=16384 "
-                   "--conf spark.sql.files.openCostInBytes=8192 pyspark-shell"}
+                   "--conf spark.sql.files.openCostInBytes=8192 --conf spark.executor.extraJavaOptions="
+                   f"'{SHORT_LIVED_JVM}' pyspark-shell"}
         job = subprocess.Popen([sys.executable, "-m", "fashioncap.cli", "caption-catalogue", str(photos), "--output",
                                 str(out), "--master", master, "--batch-size", "4"], cwd=root, env=job_env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
