@@ -1,14 +1,12 @@
 """dvc.yaml cannot go stale: every module a stage runs is one of its dependencies."""
 
-import ast
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tests.conftest import REPO
-
-PACKAGE = REPO / "src" / "fashioncap"
+from tests.unit.test_imports import PACKAGE, imports_of
 
 
 def imported_modules(module: str, seen: set[str] | None = None) -> set[str]:
@@ -17,13 +15,8 @@ def imported_modules(module: str, seen: set[str] | None = None) -> set[str]:
     if module in seen:
         return seen
     seen.add(module)
-    for node in ast.walk(ast.parse((PACKAGE / f"{module}.py").read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            names = [node.module] if node.module else [a.name for a in node.names]
-            for name in names:
-                imported_modules(name.split(".")[0], seen)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("fashioncap."):
-            imported_modules(node.module.split(".")[1], seen)
+    for name in imports_of(PACKAGE / f"{module}.py", {p.stem for p in PACKAGE.glob("*.py")}):
+        imported_modules(name, seen)
     return seen
 
 
