@@ -233,7 +233,9 @@ def s3_server(root: Path, buckets: tuple[str, ...]) -> Iterator[S3]:
 
 
 def _s3_command(root: Path) -> tuple[S3, list[str]]:
-    store = S3(f"http://127.0.0.1:{free_port()}", "fc" + secrets.token_hex(8), secrets.token_urlsafe(24))
+    # the secret starts with '-', as one random key in 64 does: every command that is handed it must take it
+    # as a value, not as an option (`dvc remote modify ... secret_access_key -- KEY`)
+    store = S3(f"http://127.0.0.1:{free_port()}", "fc" + secrets.token_hex(8), "-" + secrets.token_urlsafe(24))
     config = root / "s3.json"
     config.write_text(json.dumps({"identities": [{
         "name": "fashioncap", "credentials": [{"accessKey": store.access_key, "secretKey": store.secret_key}],

@@ -50,9 +50,10 @@ def dvc(args: list[str], repo: Path, **env: str) -> subprocess.CompletedProcess:
 
 
 def credentials(repo: Path, s3: S3) -> None:
-    """A member's own S3 credentials, in the git-ignored .dvc/config.local (as the README says)."""
-    dvc(["remote", "modify", "--local", "team", "access_key_id", s3.access_key], repo)
-    dvc(["remote", "modify", "--local", "team", "secret_access_key", s3.secret_key], repo)
+    """A member's own S3 credentials, in the git-ignored .dvc/config.local (as docs/team.md says; `--` ends the
+    options, so a key that starts with '-', as one in 64 of these do, is taken as the value)."""
+    dvc(["remote", "modify", "--local", "team", "access_key_id", "--", s3.access_key], repo)
+    dvc(["remote", "modify", "--local", "team", "secret_access_key", "--", s3.secret_key], repo)
 
 
 @dataclass(frozen=True)
