@@ -93,8 +93,8 @@ TINY_OVERRIDES = [
 
 # The modules that take longest (wall clock, under three workers on two cores), longest first. pytest-xdist
 # hands whole modules (`--dist loadfile`) to the workers in collection order (`--no-loadscope-reorder`; its
-# default order, most tests first, left the one-test modules that run for minutes to the end, one worker each
-# while the others had finished); the rest follow in their usual order.
+# default order, most tests first, left the one-test modules that run for minutes to the end, where a worker
+# still busy with one can outlast the others); the rest follow in their usual order.
 LONGEST_FIRST = (
     "tests/e2e/test_team.py",  # services, an outage, two clones, a sweep: mostly waiting
     "tests/e2e/test_hermetic.py",  # the whole pipeline module in a session of its own
