@@ -16,7 +16,7 @@ from .ptb import coco_tokens
 from .fingerprint import mixed_precision
 from .modeling import caption_all, initial_model, load_model
 from .runtime import run_stage, stage_args
-from . import fingerprint, tracking
+from . import fingerprint, origin, tracking
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def per_category(categories: list[str | None], references: list[str], before: li
 
 
 def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None, meteor: Meteor | None = None,
-             vocabulary: Vocabulary | None = None) -> tuple[dict, list[dict], list]:
+             vocabulary: Vocabulary | None = None, init=None) -> tuple[dict, list[dict], list]:
     """Captions the test split with the initial and the fine-tuned weights; returns scores, predictions and
     the test images."""
     import datasets
@@ -83,7 +83,7 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None,
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = mixed_precision(params.train.mixed_precision)  # the training's, resolved on this machine
     processor = BlipProcessor.from_pretrained(model_dir)
-    before_model = initial_model(params.model, processor, params.seed).to(device)
+    before_model = initial_model(params.model, processor, params.seed, init).to(device)
     before = caption_all(before_model, processor, images, params.generate, desc="caption (before)", precision=precision)
     del before_model
     after_model = load_model(model_dir, params.model.attention).to(device)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     with contextlib.ExitStack() as stack:
         meteor = stack.enter_context(Meteor()) if params.evaluate.meteor else None
         table, predictions, images = evaluate(params, args.data, args.model_dir, params.evaluate.max_items, meteor,
-                                              vocabulary)
+                                              vocabulary, origin.load(params.model.init, args.init))
     metrics, preds = args.metrics, args.predictions
     metrics.parent.mkdir(parents=True, exist_ok=True)
     metrics.write_text(json.dumps(table, indent=2) + "\n")

@@ -32,15 +32,24 @@ def build_tokenizer(captions: Iterable[str]):
     return BertTokenizerFast(vocab=vocab, do_lower_case=True, bos_token="[DEC]")
 
 
-def build_processor(cfg: ModelParams, train_captions: Sequence[str]):
-    """The processor for `cfg.init`: pretrained, or a fresh one sized to cfg.image_size."""
+def init_of(cfg: ModelParams, init=None):
+    """model.init as resolved by the init stage (an origin.Init), or, without one, as written."""
+    from .origin import Init
+
+    return init or Init({"init": cfg.init, "kind": "scratch" if cfg.from_scratch else "hub"}, cfg.init)
+
+
+def build_processor(cfg: ModelParams, train_captions: Sequence[str], init=None):
+    """The processor for model.init (`init`: its origin.Init, the init stage's): pretrained, or a fresh one
+    sized to cfg.image_size."""
     from transformers import BlipImageProcessor, BlipProcessor
 
+    init = init_of(cfg, init)
     if not cfg.from_scratch:
         try:
-            processor = BlipProcessor.from_pretrained(cfg.init)
+            processor = BlipProcessor.from_pretrained(init.source)
         except (OSError, ValueError) as error:  # not on the Hub, no network, not a BLIP directory, bad id
-            raise ModelSourceError(f"cannot load the processor of model.init '{cfg.init}': "
+            raise ModelSourceError(f"cannot load the processor of {init.label}: "
                                    f"{str(error).splitlines()[0][:300]}. To run without the Hub: "
                                    "dvc exp run -S profile=offline") from None
         size = processor.image_processor.size
@@ -48,7 +57,7 @@ def build_processor(cfg: ModelParams, train_captions: Sequence[str]):
             # the checkpoint's position embeddings are for its own input size: images of another size
             # would be stored at model.image_size and silently resized again by the processor
             raise ModelSourceError(f"model.image_size ({cfg.image_size}) differs from the input size of "
-                                   f"model.init '{cfg.init}' ({size.get('height')}x{size.get('width')}): set "
+                                   f"{init.label} ({size.get('height')}x{size.get('width')}): set "
                                    f"-S model.image_size={size.get('height')}")
         return processor
     image_processor = BlipImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size})
@@ -92,14 +101,16 @@ def with_attention(model, attention: str):
     return use_sdpa(model) if attention == "sdpa" else use_eager(model)
 
 
-def initial_model(cfg: ModelParams, processor, seed: int):
-    """The weights fine-tuning starts from: the pretrained checkpoint, or a seeded random init."""
+def initial_model(cfg: ModelParams, processor, seed: int, init=None):
+    """The weights fine-tuning starts from: the pretrained checkpoint (a registry version's as the init stage
+    fetched it, `init`), or a seeded random init."""
     from transformers import BlipForConditionalGeneration, set_seed
 
     if cfg.from_scratch:
         set_seed(seed)
         return with_attention(BlipForConditionalGeneration(scratch_config(cfg, processor.tokenizer)), cfg.attention)
-    model = load_model(cfg.init, cfg.attention, f"model.init '{cfg.init}'")
+    init = init_of(cfg, init)
+    model = load_model(init.source, cfg.attention, init.label)
     model.config.text_config.label_smoothing = cfg.label_smoothing
     model.text_decoder.label_smoothing = cfg.label_smoothing
     return model

@@ -20,7 +20,7 @@ from .data import SPLITS, TOKEN_LENGTHS, DataSourceError, check_source, RawItem,
 from .imaging import ImageInputError, decode_image, encode_image, to_model_image
 from .modeling import build_processor
 from .runtime import progress, run_stage, stage_args
-from . import disk
+from . import disk, origin
 
 log = logging.getLogger(__name__)
 REJECTED_REPORT = "rejected.jsonl"  # one line per left-out item: key, source, reason, kind
@@ -147,11 +147,11 @@ def percentile(sorted_values: list[int], q: float) -> int:
     return sorted_values[max(0, math.ceil(q / 100 * len(sorted_values)) - 1)]
 
 
-def token_lengths(model: ModelParams, rows: dict[str, list[dict]], processor=None) -> dict:
+def token_lengths(model: ModelParams, rows: dict[str, list[dict]], processor=None, init=None) -> dict:
     """Caption lengths in the model's tokens, [CLS]/bos and [SEP] included, as training sees them:
     p50/p95/p99/max over every kept caption, and how many captions have each length. `processor` is
     the model's, when already loaded (a scratch model's tokenizer is built from the training captions)."""
-    tokenizer = (processor or build_processor(model, [r["caption"] for r in rows["train"]])).tokenizer
+    tokenizer = (processor or build_processor(model, [r["caption"] for r in rows["train"]], init)).tokenizer
     captions = [r["caption"] for split in SPLITS for r in rows[split]]
     lengths = sorted(len(ids) for ids in tokenizer(captions, add_special_tokens=True)["input_ids"])
     counts = Counter(lengths)
@@ -189,14 +189,15 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     check_source(params.data)  # before the model's files are looked for: without the Hub, both would fail
     # a wrong model.init or model.image_size fails now, not after the images
-    processor = None if params.model.from_scratch else build_processor(params.model, [])
+    init = origin.load(params.model.init, args.init)
+    processor = None if params.model.from_scratch else build_processor(params.model, [], init)
     rows, rejected = build_splits(params)
     check_rejections(sum(len(v) for v in rows.values()), rejected, params.data.max_rejected_fraction)
     empty = [s for s in SPLITS if not rows[s]]
     if empty:
         raise DataSourceError(f"split(s) {empty} are empty: the source holds too few items for the split "
                               "fractions (data.val_fraction, data.test_fraction)")
-    lengths = token_lengths(params.model, rows, processor)
+    lengths = token_lengths(params.model, rows, processor, init)
     save(rows, rejected, args.out, lengths)
     faults.point("prepare.saved")
     summary = summarise(rows, rejected)

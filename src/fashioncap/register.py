@@ -11,7 +11,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from . import faults, lineage, promotion, tracking
+from . import faults, lineage, origin, promotion, tracking
 from .config import Params, load_params
 from .runtime import FashioncapError, run_stage, stage_args
 
@@ -73,14 +73,15 @@ def input_example(data_dir: Path):
     return pd.DataFrame({"image": [base64.b64encode(row["image"]["bytes"]).decode()]})
 
 
-def model_card(params: Params, table: dict, run) -> str:
+def model_card(params: Params, table: dict, run, init: dict | None = None) -> str:
     """A short model card for the version description."""
     b, a = table["before"], table["after"]
     source = {"hub": f"Hub dataset `{params.data.hub_id}` @ `{params.data.revision}`",
               "imagefolder": f"local imagefolder `{params.data.path}`",
               "synthetic": f"synthetic catalogue ({params.data.synthetic.items} items, seed {params.seed})"}
     return "\n".join([
-        f"Fashion product captioner fine-tuned from `{params.model.init}` ({params.profile} profile).",
+        f"Fashion product captioner fine-tuned from {origin.describe(init or origin.record_of(params.model.init))} "
+        f"({params.profile} profile).",
         f"Data: {source[params.data.source]}; test split of {table['test_items']} items, "
         f"{table['novel_items']} with captions unseen in training.",
         f"Test CIDEr-D {b['cider_d']:.3f} -> {a['cider_d']:.3f}, BLEU-4 {b['bleu_4']:.3f} -> {a['bleu_4']:.3f}, "
@@ -119,7 +120,7 @@ def log_lineage(client, run_id: str, model_dir: Path) -> None:
             client.log_artifact(run_id, path, artifact_path="lineage")
 
 
-def register(params: Params, run_id: str, model_dir: Path, data_dir: Path, table: dict):
+def register(params: Params, run_id: str, model_dir: Path, data_dir: Path, table: dict, init: dict | None = None):
     """Logs and registers the model once per run and registration (served config and evaluation: a change in
     either is a new version), then points `candidate` at it; returns the version number."""
     import mlflow
@@ -138,7 +139,8 @@ def register(params: Params, run_id: str, model_dir: Path, data_dir: Path, table
         if earlier is not None:
             log.warning("run %s is registered as %s version %s with another served config or evaluation: "
                         "registering a new version", run_id, name, earlier.version)
-        version = _log_and_register(params, run_id, model_dir, data_dir, table, client, registration)
+        version = _log_and_register(params, run_id, model_dir, data_dir, table, client, registration,
+                                    init or origin.record_of(params.model.init))
     number = str(version.version)
     client.set_registered_model_alias(name, promotion.CANDIDATE, number)
     log.info("%s@%s -> version %s", name, promotion.CANDIDATE, number)
@@ -154,7 +156,7 @@ def registration_digest(params: Params, table: dict) -> str:
 
 
 def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Path, table: dict, client,
-                      registration: str):
+                      registration: str, init: dict):
     import mlflow
 
     from . import serving  # what a version serves: its entry file, served_model.py, builds serving.Captioner
@@ -175,11 +177,12 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
             promotion.COMMIT_TAG: run.data.tags.get("mlflow.source.git.commit", "unknown"),
             promotion.REGISTRATION_TAG: registration,
             **{f"test_{m}": str(table["after"][m]) for m in ("rouge_l", "meteor") if m in table["after"]},
+            **{k.replace(".", "_"): v for k, v in origin.Init(init, init["init"]).tags.items()},
             **{f"test_attr_{kind}_f1": str(s["f1"]) for kind, s in table.get("attributes", {}).get("after", {}).items()
                if s["f1"] is not None}}
     faults.point("register.logged")
     version = mlflow.register_model(info.model_uri, params.registry.name, tags=tags)
-    client.update_model_version(params.registry.name, version.version, description=model_card(params, table, run))
+    client.update_model_version(params.registry.name, version.version, description=model_card(params, table, run, init))
     faults.point("register.registered")
     return version
 
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     table = json.loads(args.eval.read_text())
     run_id = tracking.stage_run(params, tracking.read_run_ref(args.run_ref), "register")
-    version = register(params, run_id, args.model_dir, args.data, table)
+    version = register(params, run_id, args.model_dir, args.data, table, origin.record_of(params.model.init, args.init))
     args.out.write_text(json.dumps({"name": params.registry.name, "version": version,
                                           "run_id": run_id}, indent=2) + "\n")
 

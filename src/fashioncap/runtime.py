@@ -78,9 +78,12 @@ def gpu_peak_tflops(name: str) -> float | None:
 
 def stage_args(doc: str | None, argv: list[str] | None, *paths: str) -> argparse.Namespace:
     """Parses a stage's command line: --params, and one required --<name> option per path (values are
-    Paths). Paths have no defaults: dvc.yaml names each once and passes it, so the two cannot disagree."""
+    Paths). Paths have no defaults: dvc.yaml names each once and passes it, so the two cannot disagree.
+    --init (the init stage's record of model.init) is the one that may be left out: a stage run by hand
+    then resolves model.init itself."""
     parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--init", type=Path, default=None)
     for name in paths:
         parser.add_argument(f"--{name.replace('_', '-')}", type=Path, required=True)
     return parser.parse_args(argv)

@@ -20,7 +20,7 @@ from .fingerprint import mixed_precision
 from .modeling import (IGNORE_INDEX, Collator, apply_memory_options, build_processor, caption_all, initial_model,
                        normalise_pixels, save_model)
 from .runtime import FashioncapError, progress, run_stage, stage_args
-from . import checkpoint, disk, fingerprint, lineage, plots, tracking
+from . import checkpoint, disk, fingerprint, lineage, origin, plots, tracking
 
 log = logging.getLogger(__name__)
 ETA_STEPS = 3  # optimizer steps timed (after the first, which warms up) before the ETA is announced
@@ -30,11 +30,19 @@ class TrainSetupError(FashioncapError):
     """Training must not start as configured; the message says what to change."""
 
 
-def check_device(params: Params, has_gpu: bool) -> None:
+CPU_FRIENDLY_BYTES = 200 * 2**20  # an init model this small (the offline profile's: ~4 MB) trains on a CPU
+
+
+def check_device(params: Params, has_gpu: bool, init=None) -> None:
     """Refuses to fine-tune a pretrained checkpoint without a GPU unless train.allow_cpu says so: the
-    default recipe needs days on a CPU. Training from scratch (the offline profile) is unaffected."""
+    default recipe needs days on a CPU. Training from scratch (the offline profile), or from a local or
+    registry model as small as the offline profile's, is unaffected."""
     if has_gpu or params.model.from_scratch or params.train.allow_cpu:
         return
+    if init is not None and Path(init.source).is_dir():
+        weights = sum(f.stat().st_size for f in Path(init.source).glob("*.safetensors"))
+        if 0 < weights <= CPU_FRIENDLY_BYTES:
+            return
     cfg = params.train
     raise TrainSetupError(
         f"no GPU found: fine-tuning '{params.model.init}' for {cfg.max_steps} steps of {cfg.batch_size} "
@@ -212,6 +220,7 @@ class Job:
     parameters: int
     trainable: int
     micro_batch: int  # global: samples computed at once over all processes
+    init: object  # origin.Init: what model.init was when training started
 
 
 @dataclass
@@ -226,11 +235,13 @@ class RunState:
     run: object = None
 
 
-def train(params: Params, data_dir: Path, out: Outputs) -> dict:
-    """Runs the whole fine-tuning and returns its summary; writes the best checkpoint and logs."""
-    check_device(params, torch.cuda.is_available())  # seconds after start, before anything heavy loads
+def train(params: Params, data_dir: Path, out: Outputs, init=None) -> dict:
+    """Runs the whole fine-tuning and returns its summary; writes the best checkpoint and logs. `init`: the
+    init stage's origin.Init of model.init (resolved here without one)."""
+    init = init or origin.load(params.model.init)
+    check_device(params, torch.cuda.is_available(), init)  # seconds after start, before anything heavy loads
     lengths = check_caption_lengths(params, data_dir)
-    job = build(params, data_dir)
+    job = build(params, data_dir, init)
     preflight(job, out, lengths)
     state, rng = resume_or_start(job, data_dir, out, lengths)
     batches = batches_from(job, state.consumed)
@@ -240,7 +251,7 @@ def train(params: Params, data_dir: Path, out: Outputs) -> dict:
     return finish(job, state, out, stop_reason, pace, lengths)
 
 
-def build(params: Params, data_dir: Path) -> Job:
+def build(params: Params, data_dir: Path, init=None) -> Job:
     """Data, model, optimiser and scheduler, prepared by Accelerate; seeded so a re-run is bit-identical."""
     import datasets
     from accelerate import Accelerator
@@ -248,8 +259,9 @@ def build(params: Params, data_dir: Path) -> Job:
 
     cfg = params.train
     dataset = datasets.load_from_disk(str(data_dir))
-    processor = build_processor(params.model, dataset["train"]["caption"])
-    model = apply_memory_options(initial_model(params.model, processor, params.seed), cfg.freeze_vision,
+    init = init or origin.load(params.model.init)
+    processor = build_processor(params.model, dataset["train"]["caption"], init)
+    model = apply_memory_options(initial_model(params.model, processor, params.seed, init), cfg.freeze_vision,
                                  cfg.gradient_checkpointing)
     # split_batches: train.batch_size is the global batch, whatever the number of processes, so a recipe
     # means the same thing on one CPU and on eight GPUs. cpu=True lets `accelerate launch` run DDP over gloo
@@ -293,7 +305,7 @@ def build(params: Params, data_dir: Path) -> Job:
              accelerator.mixed_precision, len(dataset["train"]), cfg.batch_size, micro, cfg.batch_size // micro)
     return Job(params, accelerator, model, processor, optimizer, scheduler, loader, sampler, collate, val_rows,
                forward, batches_per_epoch, sum(p.numel() for p in model.parameters()),
-               sum(p.numel() for p in model.parameters() if p.requires_grad), micro)
+               sum(p.numel() for p in model.parameters() if p.requires_grad), micro, init)
 
 
 def preflight(job: Job, out: Outputs, lengths: dict) -> None:
@@ -316,7 +328,9 @@ def resume_or_start(job: Job, data_dir: Path, out: Outputs, lengths: dict) -> tu
 
     params, accelerator = job.params, job.accelerator
     cfg = params.train
-    fp = checkpoint.fingerprint(params.model_dump(), lineage.dataset_digest(data_dir), accelerator.num_processes)
+    # the init record too: model.init `@champion` is another run once the alias names another version
+    fp = checkpoint.fingerprint({**params.model_dump(), "init_record": job.init.record},
+                                lineage.dataset_digest(data_dir), accelerator.num_processes)
     state = RunState(BestTracker(cfg.metric, cfg.patience), fp)
     resumed = checkpoint.load(out.checkpoint_dir / "state", fp)
     checkpoint.recover(out.checkpoint_dir / "best")
@@ -341,7 +355,7 @@ def resume_or_start(job: Job, data_dir: Path, out: Outputs, lengths: dict) -> tu
             machine = tracking.check_machine(state.run.info.run_id, machine, "changed_on_resume", "resuming")
         else:
             state.run = tracking.start_run(params, {"device": accelerator.device.type,
-                                                    "mixed_precision": accelerator.mixed_precision})
+                                                    "mixed_precision": accelerator.mixed_precision, **job.init.tags})
             tracking.log_fingerprint(machine)
             mlflow.set_tag("data.digest", tracking.log_dataset(data_dir, context="train"))
             if lengths:
@@ -658,7 +672,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Outputs(args.model_dir, args.run_ref, args.metrics, args.train_log, args.val_log, args.checkpoint_dir,
                   args.loss_curve, args.fingerprint)
     try:
-        train(params, args.data, out)
+        train(params, args.data, out, origin.load(params.model.init, args.init))
     except BaseException as error:
         import mlflow
 

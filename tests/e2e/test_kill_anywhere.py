@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from fashioncap import faults
-from tests.conftest import BIN, copy_repo
+from tests.conftest import BIN, copy_repo, pending
 from tests.stage.test_resume import CHECKPOINT_POINTS
 
 pytestmark = pytest.mark.slow
@@ -82,9 +82,9 @@ def test_a_pipeline_killed_at_every_fault_point_ends_as_if_never_killed(tiny_rep
     print(f"\nkill points tried and survived here: {len(survived)}: {', '.join(survived)}")
 
     assert outcome(repo) == expected  # the same bits as the uninterrupted run
-    status = subprocess.run([str(BIN / "dvc"), "status"], cwd=repo, capture_output=True, text=True,
+    status = subprocess.run([str(BIN / "dvc"), "status", "--json"], cwd=repo, capture_output=True, text=True,
                             env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
-    assert "up to date" in status.stdout, status.stdout  # nothing wedged, nothing left to run
+    assert pending(json.loads(status.stdout)) == {}, status.stdout  # nothing wedged, nothing left to run
     assert not (repo / "checkpoints" / "train").exists()  # the finished run's checkpoint is gone
 
     versions = sorted(int(v.version) for v in client.search_model_versions(f"name = '{NAME}'"))

@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 def test_prepare_reruns_when_a_catalogue_photo_or_the_code_it_imports_changes(tmp_path, tiny_raw):
     from PIL import Image
 
-    from tests.conftest import BIN, clone_project, sh
+    from tests.conftest import BIN, clone_project, pending, sh
 
     shop = tmp_path / "shop"
     shop.mkdir()
@@ -32,7 +32,7 @@ def test_prepare_reruns_when_a_catalogue_photo_or_the_code_it_imports_changes(tm
     sh([dvc, "repro", "prepare"], repo)
 
     def changed() -> dict:
-        return json.loads(sh([dvc, "status", "prepare", "--json"], repo).stdout)
+        return pending(json.loads(sh([dvc, "status", "prepare", "--json"], repo).stdout))
 
     assert changed() == {}
     Image.new("RGB", (48, 48), "red").save(shop / "new.png")
