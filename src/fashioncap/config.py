@@ -103,6 +103,15 @@ class ModelParams(_Section):
         return self
 
 
+class LoraParams(_Section):
+    r: PositiveInt  # the adapters' rank
+    alpha: Annotated[float, Field(gt=0.0)]  # their scale is alpha / r
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
+    # names of the linear layers that get adapters: BLIP's text decoder has query/key/value (self- and
+    # cross-attention), its vision encoder qkv
+    targets: Annotated[list[Annotated[str, Field(pattern=r"^\w+$")]], Field(min_length=1)]
+
+
 class TrainParams(_Section):
     batch_size: PositiveInt  # the effective (global) batch of one optimizer step: the recipe, whatever the device
     # the batch computed at once: `auto` probes the largest that divides batch_size and fits the device; the
@@ -128,6 +137,8 @@ class TrainParams(_Section):
     compile: bool  # torch.compile of the training step's forward (captions padded to a multiple of 8 tokens)
     sample_images: NonNegInt
     allow_cpu: bool  # fine-tune a pretrained model without a GPU (slow: the stage prints the ETA)
+    method: Literal["full", "lora"]  # lora: only adapters train, and only they are saved (adapters.py)
+    lora: LoraParams
 
     @model_validator(mode="after")
     def _steps_fit(self) -> "TrainParams":
@@ -203,6 +214,13 @@ class Params(_Section):
     report: ReportParams
     tracking: TrackingParams
     registry: RegistryParams
+
+    @model_validator(mode="after")
+    def _lora_has_a_base(self) -> "Params":
+        if self.train.method == "lora" and self.model.from_scratch:
+            raise ValueError("train.method lora adapts a pretrained model: model.init 'scratch' has nothing to adapt "
+                             "(set model.init to a registry version, a Hub id or a saved model)")
+        return self
 
     @model_validator(mode="after")
     def _captions_fit(self) -> "Params":

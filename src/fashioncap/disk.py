@@ -39,9 +39,10 @@ def require(path: Path, needed: int, what: str) -> None:
                              + CLEAN_UP_HINT)
 
 
-def training_bytes(parameters: int, trainable: int, checkpoints: bool) -> int:
+def training_bytes(parameters: int, trainable: int, checkpoints: bool, saved: int | None = None) -> int:
     """Disk a training run needs at its peak: the best model twice (being replaced) and, with checkpoints,
-    two full states (fp32 weights + AdamW's two moments) while the new one replaces the old."""
-    model = 4 * parameters
+    two full states (fp32 weights + AdamW's two moments) while the new one replaces the old. `saved`: the
+    parameters a checkpoint and the best model hold (an adapter's alone; all of them by default)."""
+    model = 4 * (parameters if saved is None else saved)
     state = model + 8 * trainable
     return 2 * model + (2 * state if checkpoints else 0)

@@ -86,7 +86,7 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None,
     before_model = initial_model(params.model, processor, params.seed, init).to(device)
     before = caption_all(before_model, processor, images, params.generate, desc="caption (before)", precision=precision)
     del before_model
-    after_model = load_model(model_dir, params.model.attention).to(device)
+    after_model = load_model(model_dir, params.model.attention, known_base=init).to(device)  # an adapter: on init
     after = caption_all(after_model, processor, images, params.generate, desc="caption (after)", precision=precision)
     table = score_table(references, before, after, [r not in seen for r in references], meteor, vocabulary)
     table["test_digest"] = testset_digest(list(test["key"]), references)

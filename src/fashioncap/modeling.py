@@ -116,12 +116,20 @@ def initial_model(cfg: ModelParams, processor, seed: int, init=None):
     return model
 
 
-def load_model(directory, attention: str, what: str = "the model"):
-    """A saved BLIP (a Hub id or a directory, safetensors only) with the given attention."""
+def load_model(directory, attention: str, what: str = "the model", revision: str | None = None, known_base=None):
+    """A saved BLIP (a Hub id at `revision`, or a directory; safetensors only) with the given attention. A LoRA
+    adapter's directory loads as its base with the adapter merged in (adapters.merged; `known_base`: an
+    origin.Init already at hand, used when it is the adapter's base)."""
     from transformers import BlipForConditionalGeneration
 
+    from .adapters import is_adapter, merged
+
+    if is_adapter(directory):
+        base = lambda source, label, rev: load_model(source, attention, label, rev)  # noqa: E731 (itself an adapter?)
+        return with_attention(merged(directory, base, what, known_base), attention)
     try:
-        model = BlipForConditionalGeneration.from_pretrained(directory, use_safetensors=True)
+        model = BlipForConditionalGeneration.from_pretrained(directory, use_safetensors=True,
+                                                             **({"revision": revision} if revision else {}))
     except (OSError, ValueError) as error:
         raise ModelSourceError(f"cannot load safetensors weights of {what}: {str(error).splitlines()[0][:300]}") from None
     return with_attention(model, attention)

@@ -11,7 +11,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from . import faults, lineage, origin, promotion, tracking
+from . import adapters, faults, lineage, origin, promotion, tracking
 from .config import Params, load_params
 from .runtime import FashioncapError, run_stage, stage_args
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 # What predict() imports; MLflow's own inference of requirements misses pillow. Where a package ships as
 # alternative distributions (mlflow or the lighter mlflow-skinny), the first one installed is pinned.
-SERVING_PACKAGES = ("torch", "transformers", "pillow", "pydantic", "pyyaml", "pandas", ("mlflow", "mlflow-skinny"),
+SERVING_PACKAGES = ("torch", "transformers", "peft", "pillow", "pydantic", "pyyaml", "pandas", ("mlflow", "mlflow-skinny"),
                     "safetensors")
 
 
@@ -76,12 +76,15 @@ def input_example(data_dir: Path):
 def model_card(params: Params, table: dict, run, init: dict | None = None) -> str:
     """A short model card for the version description."""
     b, a = table["before"], table["after"]
+    init = init or origin.record_of(params.model.init)
+    what = (f"A LoRA adapter (r={params.train.lora.r}, on {', '.join(params.train.lora.targets)}) for "
+            f"{origin.describe(init)}, merged into it when loaded"
+            if params.train.method == "lora" else f"Fashion product captioner fine-tuned from {origin.describe(init)}")
     source = {"hub": f"Hub dataset `{params.data.hub_id}` @ `{params.data.revision}`",
               "imagefolder": f"local imagefolder `{params.data.path}`",
               "synthetic": f"synthetic catalogue ({params.data.synthetic.items} items, seed {params.seed})"}
     return "\n".join([
-        f"Fashion product captioner fine-tuned from {origin.describe(init or origin.record_of(params.model.init))} "
-        f"({params.profile} profile).",
+        f"{what} ({params.profile} profile).",
         f"Data: {source[params.data.source]}; test split of {table['test_items']} items, "
         f"{table['novel_items']} with captions unseen in training.",
         f"Test CIDEr-D {b['cider_d']:.3f} -> {a['cider_d']:.3f}, BLEU-4 {b['bleu_4']:.3f} -> {a['bleu_4']:.3f}, "
@@ -147,6 +150,20 @@ def register(params: Params, run_id: str, model_dir: Path, data_dir: Path, table
     return number
 
 
+def base_reference(base: dict) -> str:
+    """How a LoRA version names its base, pinned: a registry version, or a Hub id at its commit. A base that a
+    server elsewhere could not reach (a local directory, a Hub id without its commit) is refused."""
+    if base["kind"] == "registry":
+        return base["uri"]
+    if base["kind"] == "hub" and base.get("revision"):
+        return f"{base['init']}@{base['revision']}"
+    raise FashioncapError(
+        f"a LoRA version must name a base that serving can load again, but this adapter's base is "
+        f"{'the local directory' if base['kind'] == 'local' else 'the Hub id'} '{base['init']}'"
+        f"{'' if base['kind'] == 'local' else ' without its commit'}: train it from a registry version "
+        "(model.init models:/NAME/N or models:/NAME@ALIAS) or a Hub id, or with train.method full")
+
+
 def registration_digest(params: Params, table: dict) -> str:
     """What a version of this run serves and was evaluated with: its served config (generation, limits,
     batching, numerics) and the evaluation's table (test digest, scores)."""
@@ -162,6 +179,10 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
     from . import serving  # what a version serves: its entry file, served_model.py, builds serving.Captioner
 
     run = client.get_run(run_id)
+    method = {"method": "full"}
+    if adapters.is_adapter(model_dir):
+        base = adapters.base_of(model_dir)
+        method = {"method": "lora", "base": base_reference(base)}
     with tempfile.TemporaryDirectory() as tmp, tracking.resume_run(run_id):
         config = Path(tmp) / "serving_config.json"
         config.write_text(json.dumps(serving_config(params), indent=2))
@@ -177,7 +198,7 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
             promotion.COMMIT_TAG: run.data.tags.get("mlflow.source.git.commit", "unknown"),
             promotion.REGISTRATION_TAG: registration,
             **{f"test_{m}": str(table["after"][m]) for m in ("rouge_l", "meteor") if m in table["after"]},
-            **{k.replace(".", "_"): v for k, v in origin.Init(init, init["init"]).tags.items()},
+            **{k.replace(".", "_"): v for k, v in origin.Init(init, init["init"]).tags.items()}, **method,
             **{f"test_attr_{kind}_f1": str(s["f1"]) for kind, s in table.get("attributes", {}).get("after", {}).items()
                if s["f1"] is not None}}
     faults.point("register.logged")

@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import fingerprint, lineage
+from . import fingerprint, lineage, origin
 from .tracking import mlflow_metrics, run_fingerprint
 from .runtime import FashioncapError
 
@@ -258,16 +258,23 @@ def rerun(repo: Path, revision: str, keep: bool, pins: dict[str, str] | None = N
     git(["worktree", "add", "--detach", str(worktree), revision], repo)
     env = {**os.environ, **(pins or {}),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(worktree / "src"), os.environ.get("PYTHONPATH")]))}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the re-run is tracked in the worktree's own store, not the original's
+    # the re-run is tracked in the worktree's own store, not the original's; a registry model.init is read from
+    # the original's registry, as the version its commit recorded (models/init.json), wherever the alias points now
+    env["MLFLOW_REGISTRY_URI"] = origin.registry_uri()
+    env.pop("MLFLOW_TRACKING_URI", None)
     try:
         if (repo / ".dvc" / "config.local").is_file():  # the user's remote and credentials settings
             shutil.copy2(repo / ".dvc" / "config.local", worktree / ".dvc" / "config.local")
         _dvc(["cache", "dir", "--local", str(repo / ".dvc" / "cache")], worktree, env)
+        init = worktree / paths_at(repo, revision).get("init", "models/init.json")
+        if "init" in lineage.pipeline_paths((worktree / "dvc.yaml").read_text()) and not init.is_file():
+            log.info("no init record committed at %s: resolving model.init now", revision[:12])
+            _dvc(["repro", "--single-item", "init"], worktree, env)
         if _dvc(["pull", "prepare"], worktree, env).returncode == 0:
             log.info("prepared data fetched from the DVC cache/remote")
         else:
             log.info("prepared data not in the DVC cache or remote: rebuilding it from its source")
-            built = _dvc(["repro", "prepare"], worktree, env)
+            built = _dvc(["repro", "--single-item", "prepare"], worktree, env)  # the committed init, not a new one
             if built.returncode != 0:
                 raise ReproduceError("the prepared data is missing from the DVC remote and rebuilding it failed:\n"
                                      + (built.stderr or built.stdout).strip()[-1500:])

@@ -20,7 +20,7 @@ from .fingerprint import mixed_precision
 from .modeling import (IGNORE_INDEX, Collator, apply_memory_options, build_processor, caption_all, initial_model,
                        normalise_pixels, save_model)
 from .runtime import FashioncapError, progress, run_stage, stage_args
-from . import checkpoint, disk, fingerprint, lineage, origin, plots, tracking
+from . import adapters, checkpoint, disk, fingerprint, lineage, origin, plots, tracking
 
 log = logging.getLogger(__name__)
 ETA_STEPS = 3  # optimizer steps timed (after the first, which warms up) before the ETA is announced
@@ -178,10 +178,13 @@ def validate(model, processor, rows, collate, params: Params, accelerator) -> tu
     return values, ordered
 
 
-def save_best(model, processor, best_dir: Path, params: Params) -> None:
-    """Writes model + processor beside best_dir, then swaps it in, so a kill never leaves half a model."""
+def save_best(model, processor, best_dir: Path, params: Params, base: dict | None = None) -> None:
+    """Writes model + processor beside best_dir, then swaps it in, so a kill never leaves half a model. An
+    adapted model saves its adapter alone, with the pinned record of its base (`base`)."""
     staging = checkpoint.staging_for(best_dir)
     save_model(model, processor, staging, params.generate)
+    if adapters.is_adapted(model):
+        adapters.save_base(staging, base)
     checkpoint.swap_in(staging, best_dir)
 
 
@@ -263,6 +266,10 @@ def build(params: Params, data_dir: Path, init=None) -> Job:
     processor = build_processor(params.model, dataset["train"]["caption"], init)
     model = apply_memory_options(initial_model(params.model, processor, params.seed, init), cfg.freeze_vision,
                                  cfg.gradient_checkpointing)
+    if init.record["kind"] == "hub" and getattr(model.config, "_commit_hash", None):  # the Hub commit it loaded
+        init = origin.Init({**init.record, "revision": model.config._commit_hash}, init.source)
+    if cfg.method == "lora":
+        model = adapters.add_lora(model, cfg.lora, cfg.freeze_vision)
     # split_batches: train.batch_size is the global batch, whatever the number of processes, so a recipe
     # means the same thing on one CPU and on eight GPUs. cpu=True lets `accelerate launch` run DDP over gloo
     # on a machine without a GPU.
@@ -313,7 +320,8 @@ def preflight(job: Job, out: Outputs, lengths: dict) -> None:
     cfg = job.params.train
     if job.accelerator.is_main_process:
         disk.require(out.checkpoint_dir.parent,
-                     disk.training_bytes(job.parameters, job.trainable, cfg.checkpoint_every < cfg.max_steps),
+                     disk.training_bytes(job.parameters, job.trainable, cfg.checkpoint_every < cfg.max_steps,
+                                         job.trainable if cfg.method == "lora" else None),
                      f"training {job.parameters / 1e6:.2f}M parameters (best model and full-state checkpoints)")
     if lengths:
         log.info("captions up to %d tokens (p99 %d, max %d): %.2f%% of them are cut", lengths["limit"],
@@ -341,7 +349,7 @@ def resume_or_start(job: Job, data_dir: Path, out: Outputs, lengths: dict) -> tu
             checkpoint.discard(out.checkpoint_dir)  # another run's leftovers
     else:
         tensors, meta = resumed
-        accelerator.unwrap_model(job.model).load_state_dict(tensors["model"])
+        adapters.load_trainable_state(accelerator.unwrap_model(job.model), tensors["model"])
         job.optimizer.load_state_dict(tensors["optimizer"])
         job.scheduler.load_state_dict(tensors["scheduler"])
         state.step, state.consumed, state.train_log = meta["step"], meta["consumed"], meta["train_log"]
@@ -532,7 +540,7 @@ def evaluate_and_keep_best(job: Job, state: RunState, out: Outputs) -> None:
              " (best so far)" if improved else "")
     accelerator.wait_for_everyone()
     if improved and accelerator.is_main_process:
-        save_best(accelerator.unwrap_model(job.model), job.processor, out.checkpoint_dir / "best", params)
+        save_best(accelerator.unwrap_model(job.model), job.processor, out.checkpoint_dir / "best", params, job.init.record)
 
 
 def save_checkpoint(job: Job, state: RunState, out: Outputs) -> None:
@@ -543,7 +551,7 @@ def save_checkpoint(job: Job, state: RunState, out: Outputs) -> None:
     rngs = gather_object([checkpoint.rng_state()])  # every process's RNGs, in process order
     if job.accelerator.is_main_process:
         mlflow.flush_async_logging()  # what the checkpoint has done is in MLflow before it counts
-        tensors = {"model": job.accelerator.unwrap_model(job.model).state_dict(),
+        tensors = {"model": adapters.trainable_state(job.accelerator.unwrap_model(job.model)),
                    "optimizer": job.optimizer.state_dict(), "scheduler": job.scheduler.state_dict(), "rng": rngs}
         checkpoint.save(out.checkpoint_dir / "state", tensors, {
             "fingerprint": state.fingerprint, "step": state.step, "consumed": state.consumed,
@@ -559,7 +567,8 @@ def finish(job: Job, state: RunState, out: Outputs, stop_reason: str, pace: "Pac
         # the steps of this process only: after a resume, the earlier ones ran before it started
         "samples_per_second": round((state.step - pace.first_step) * cfg.batch_size / seconds, 2),
         "micro_batch": job.micro_batch,
-        "parameters": job.parameters, "processes": accelerator.num_processes,
+        "parameters": job.parameters, "trainable_parameters": job.trainable, "method": job.params.train.method,
+        "processes": accelerator.num_processes,
         **({"caption_truncated_fraction": round(lengths["truncated_fraction"], 5)} if lengths else {}),
         **({"peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
            if torch.cuda.is_available() else {}),
