@@ -269,6 +269,7 @@ def build(params: Params, data_dir: Path, init=None) -> Job:
     if init.record["kind"] == "hub" and getattr(model.config, "_commit_hash", None):  # the Hub commit it loaded
         init = origin.Init({**init.record, "revision": model.config._commit_hash}, init.source)
     if cfg.method == "lora":
+        set_seed(params.seed)  # the adapters' random init (lora_A), the same in every run of these params
         model = adapters.add_lora(model, cfg.lora, cfg.freeze_vision)
     # split_batches: train.batch_size is the global batch, whatever the number of processes, so a recipe
     # means the same thing on one CPU and on eight GPUs. cpu=True lets `accelerate launch` run DDP over gloo
