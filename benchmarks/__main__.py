@@ -20,6 +20,7 @@ BENCHMARKS = {  # name: module; cheapest first
     "loader": "loader",
     "train": "train_step",
     "memory": "memory",
+    "adapters": "adapters",
     "serving": "serving",
     "catalogue": "catalogue",
     "pipeline": "pipeline",

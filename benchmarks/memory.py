@@ -22,9 +22,12 @@ def peak_rss_mib() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(batch: int, freeze_vision: bool, checkpointing: bool, steps: int, size: str = "base") -> dict:
+def child(batch: int, freeze_vision: bool, checkpointing: bool, steps: int, size: str = "base",
+          method: str = "full") -> dict:
     """Train steps (the first allocates the optimizer state, so one holds both peaks: activations in the
-    backward pass, then weights + gradients + optimizer state); returns the process's peak RSS."""
+    backward pass, then weights + gradients + optimizer state); returns the process's peak RSS. `method`
+    lora: with train.lora's default adapters; the bytes a best model and a checkpoint then take are measured
+    by writing them as train does."""
     import time
 
     import torch
@@ -39,6 +42,10 @@ def child(batch: int, freeze_vision: bool, checkpointing: bool, steps: int, size
     items = catalogue_batches(batch, 384 if size == "base" else params.model.image_size)
     processor = make_processor(size, [r["caption"] for r in items])
     model = apply_memory_options(build_model(size, processor), freeze_vision, checkpointing)
+    if method == "lora":
+        from fashioncap.adapters import add_lora
+
+        model = add_lora(model, params.train.lora.model_copy(update={"targets": ["query", "value"]}), freeze_vision)
     model.train()
     collate = Collator(processor, params.model.max_caption_tokens, model.config.text_config.bos_token_id)
     optimizer = make_optimizer(model, params.train)
@@ -50,11 +57,36 @@ def child(batch: int, freeze_vision: bool, checkpointing: bool, steps: int, size
         ours_step(model, processor, optimizer, accelerator, collate, items, params.train.clip_grad_norm)
     seconds = (time.perf_counter() - started) / steps
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return {"peak_mib": peak_rss_mib(), "step_s": seconds, "trainable": trainable, "threads": torch.get_num_threads()}
+    peak = peak_rss_mib()  # before the writes below (they map files, not the training's memory)
+    return {"peak_mib": peak, "step_s": seconds, "trainable": trainable, "threads": torch.get_num_threads(),
+            **saved_bytes(model, processor, optimizer, params)}
 
 
-def measure(batch: int, freeze_vision: bool, checkpointing: bool, steps: int, size: str = "base") -> dict:
-    args = [sys.executable, "-m", "benchmarks.memory", "--batch", str(batch), "--steps", str(steps), "--size", size]
+def saved_bytes(model, processor, optimizer, params) -> dict:
+    """What one experiment writes, as train writes it: the best model (the DVC-cached output; the registered
+    version's artifact is the same files) and a full-state checkpoint (weights or adapter, AdamW's moments)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from fashioncap import adapters
+    from fashioncap.modeling import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, processor, Path(tmp) / "best", params.generate)
+        if adapters.is_adapted(model):
+            adapters.save_base(Path(tmp) / "best", {"init": "models:/fashion-captioner/1", "kind": "registry"})
+        torch.save({"model": adapters.trainable_state(model), "optimizer": optimizer.state_dict()},
+                   Path(tmp) / "state.pt")
+        best = sum(f.stat().st_size for f in (Path(tmp) / "best").rglob("*") if f.is_file())
+        return {"best_bytes": best, "checkpoint_bytes": (Path(tmp) / "state.pt").stat().st_size}
+
+
+def measure(batch: int, freeze_vision: bool, checkpointing: bool, steps: int, size: str = "base",
+            method: str = "full") -> dict:
+    args = [sys.executable, "-m", "benchmarks.memory", "--batch", str(batch), "--steps", str(steps), "--size", size,
+            "--method", method]
     args += ["--freeze-vision"] if freeze_vision else []
     args += ["--gradient-checkpointing"] if checkpointing else []
     out = subprocess.run(args, capture_output=True, text=True, check=False)
@@ -89,5 +121,6 @@ if __name__ == "__main__":
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--size", choices=["base", "offline"], default="base")
+    parser.add_argument("--method", choices=["full", "lora"], default="full")
     a = parser.parse_args()
-    print(json.dumps(child(a.batch, a.freeze_vision, a.gradient_checkpointing, a.steps, a.size)))
+    print(json.dumps(child(a.batch, a.freeze_vision, a.gradient_checkpointing, a.steps, a.size, a.method)))
