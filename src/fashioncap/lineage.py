@@ -12,11 +12,12 @@ import yaml
 PIPELINE_OUTPUTS = ("dvc.lock", "data/", "models/", "metrics/", "reports/")
 
 
-def _git(args: list[str], cwd: Path) -> str | None:
+def _git(args: list[str], cwd: Path, strip: bool = True) -> str | None:
     try:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
+    return out.strip() if strip else out
 
 
 def dirty_paths(porcelain: str) -> list[str]:
@@ -30,7 +31,8 @@ def git_state(root: Path) -> dict[str, str]:
     commit = _git(["rev-parse", "HEAD"], root)
     if commit is None:
         return {}
-    changed = dirty_paths(_git(["status", "--porcelain", "--untracked-files=no"], root) or "")
+    # unstripped: a porcelain line starts with its status columns, " M dvc.lock" for a change not staged
+    changed = dirty_paths(_git(["status", "--porcelain", "--untracked-files=no"], root, strip=False) or "")
     return {"git.commit": commit, "git.dirty": str(bool(changed)).lower(),
             **({"git.dirty_paths": ",".join(changed)[:500]} if changed else {})}
 

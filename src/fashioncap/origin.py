@@ -100,6 +100,20 @@ def resolve(init: str, client=None) -> dict:
             "method": (mv.tags or {}).get("method", "full"), "uri": f"models:/{name}/{mv.version}"}
 
 
+def record_from_tags(tags: dict[str, str]) -> dict | None:
+    """The init record a run was trained from, rebuilt from its init.* tags (Init.tags); None for a run from
+    before they were recorded."""
+    if "init" not in tags or "init.kind" not in tags:
+        return None
+    record = {"init": tags["init"], "kind": tags["init.kind"],
+              **{k: tags[f"init.{k}"] for k in ("uri", "version", "run_id", "model_digest", "weights", "method")
+                 if f"init.{k}" in tags}}
+    if record["kind"] == "registry":
+        match = REGISTRY_INIT.match(record["init"])
+        record.update(name=match["name"], alias=match["alias"])
+    return record
+
+
 @dataclass(frozen=True)
 class Init:
     """model.init as the stages use it: what from_pretrained takes, and how messages name it."""

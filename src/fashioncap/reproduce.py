@@ -50,6 +50,7 @@ class Target:
     original: dict[str, float]
     machine: dict[str, str]  # the original's fingerprint ({}: made before fingerprints were recorded)
     model_digest: str | None = None  # DVC's md5 of the trained model when the result was made
+    init: dict | None = None  # the run's model.init record (origin.py), when a run says which it was
 
 
 @dataclass(frozen=True)
@@ -148,8 +149,9 @@ def _from_run(client, run_id: str, repo: Path, what: str) -> Target:
     exp = tags.get("dvc.exp_name")
     revision = exp_revision(repo, exp) if exp else None
     digest = tags.get("model.digest")
+    init = origin.record_from_tags(tags)
     if revision:
-        return Target(revision, f"{what} (DVC experiment '{exp}')", original, machine, digest)
+        return Target(revision, f"{what} (DVC experiment '{exp}')", original, machine, digest, init)
     if tags.get("git.dirty") == "true":
         raise ReproduceError(f"run {run_id} was made from a tree with uncommitted changes "
                              f"({tags.get('git.dirty_paths', 'unknown paths')}): its code and params are not in git")
@@ -157,7 +159,7 @@ def _from_run(client, run_id: str, repo: Path, what: str) -> Target:
     if not commit or git(["cat-file", "-e", f"{commit}^{{commit}}"], repo, check=False) is None:
         raise ReproduceError(f"commit {commit or '(none recorded)'} of run {run_id} is not in this repository; "
                              "fetch it first")
-    return Target(commit, f"{what} (commit {commit[:10]})", original, machine, digest)
+    return Target(commit, f"{what} (commit {commit[:10]})", original, machine, digest, init)
 
 
 def resolve(ref: str, repo: Path, client) -> Target:
@@ -251,9 +253,10 @@ class Rerun:
     worktree: Path
 
 
-def rerun(repo: Path, revision: str, keep: bool, pins: dict[str, str] | None = None) -> Rerun:
+def rerun(repo: Path, revision: str, keep: bool, pins: dict[str, str] | None = None, init: dict | None = None) -> Rerun:
     """Checks the revision out in a temporary worktree, fetches or rebuilds the data, re-trains, re-evaluates,
-    with the environment variables `pins` set (the original's kernels and threads)."""
+    with the environment variables `pins` set (the original's kernels and threads) and model.init as the
+    original run recorded it (`init`: a run's commit precedes the results commit that holds models/init.json)."""
     worktree = Path(tempfile.mkdtemp(prefix="fashioncap-reproduce-")) / "repo"
     git(["worktree", "add", "--detach", str(worktree), revision], repo)
     env = {**os.environ, **(pins or {}),
@@ -266,10 +269,15 @@ def rerun(repo: Path, revision: str, keep: bool, pins: dict[str, str] | None = N
         if (repo / ".dvc" / "config.local").is_file():  # the user's remote and credentials settings
             shutil.copy2(repo / ".dvc" / "config.local", worktree / ".dvc" / "config.local")
         _dvc(["cache", "dir", "--local", str(repo / ".dvc" / "cache")], worktree, env)
-        init = worktree / paths_at(repo, revision).get("init", "models/init.json")
-        if "init" in lineage.pipeline_paths((worktree / "dvc.yaml").read_text()) and not init.is_file():
-            log.info("no init record committed at %s: resolving model.init now", revision[:12])
-            _dvc(["repro", "--single-item", "init"], worktree, env)
+        record = worktree / paths_at(repo, revision).get("init", "models/init.json")
+        if "init" in lineage.pipeline_paths((worktree / "dvc.yaml").read_text()):
+            if init is not None:
+                record.parent.mkdir(parents=True, exist_ok=True)
+                record.write_text(json.dumps(init, indent=2, sort_keys=True) + "\n")
+                log.info("model.init as the run had it: %s", origin.describe(init))
+            elif not record.is_file():
+                log.info("no init record committed at %s: resolving model.init now", revision[:12])
+                _dvc(["repro", "--single-item", "init"], worktree, env)
         if _dvc(["pull", "prepare"], worktree, env).returncode == 0:
             log.info("prepared data fetched from the DVC cache/remote")
         else:
@@ -384,7 +392,7 @@ def reproduce(ref: str, repo: Path, client, keep: bool = False) -> tuple[str, bo
     if unpinnable:
         log.info("this machine cannot match the original's %s: the metrics will be held to a band",
                  ", ".join(unpinnable))
-    result = rerun(repo, target.revision, keep, pins)
+    result = rerun(repo, target.revision, keep, pins, target.init)
     verdict_rule = rule(target.machine, result.machine, pins)
     rows, same = compare(target.original, result.metrics, verdict_rule.tolerance)
     weights = weights_verdict(target.model_digest, result.model_digest, verdict_rule.tolerance)
