@@ -25,7 +25,8 @@ def _sh(args: list[str], cwd: Path) -> str:
 
 
 def _time_repro(clone: Path, repeats: int) -> list[float]:
-    stale = json.loads(_sh(["dvc", "status", "--json"], clone))
+    # the init stage is always "changed" (it re-resolves model.init); nothing after it re-runs while its record holds
+    stale = {k: v for k, v in json.loads(_sh(["dvc", "status", "--json"], clone)).items() if v != ["always changed"]}
     if stale:
         raise RuntimeError(f"the pipeline in {clone} is not up to date: {sorted(stale)}")
     times = []

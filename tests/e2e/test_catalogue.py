@@ -143,7 +143,7 @@ def alive_workers(web: str) -> int:
     try:
         with urllib.request.urlopen(f"{web}/json/", timeout=2) as response:
             return json.loads(response.read())["aliveworkers"]
-    except OSError:
+    except (OSError, ValueError, KeyError):  # not up yet: no answer, or a starting UI's empty or partial page
         return -1
 
 

@@ -69,7 +69,7 @@ def test_tiny_offline_pipeline_writes_metrics_lock_and_predictions(first_run):
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["profile"] == "offline" and params["train"]["max_steps"] == 12
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"prepare", "train", "evaluate", "report", "register"}
+    assert set(lock["stages"]) == {"init", "prepare", "train", "evaluate", "report", "register"}
     train_params = lock["stages"]["train"]["params"]["params.yaml"]
     assert train_params["train.max_steps"] == 12 and "report.gallery_items" not in train_params  # leaf keys it reads
     evaluation = json.loads((repo / "metrics/eval.json").read_text())

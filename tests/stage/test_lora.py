@@ -168,3 +168,36 @@ def test_a_killed_lora_training_resumes_from_its_adapter_checkpoint_to_the_same_
     for name in ("train_log.csv", "val_log.csv", "best/adapter_model.safetensors"):
         assert (crashed / name).read_bytes() == (straight / name).read_bytes(), name
     assert yaml.safe_load(params.read_text())["train"]["method"] == "lora"
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_train_an_adapter_like_one_and_save_it_alone(tmp_path, tiny_raw, tiny_model, write_params):
+    """`accelerate launch` with two processes (gloo on the CPU): the adapter's gradients are synchronised like
+    a full model's, over a model that is mostly frozen."""
+    import os
+    import subprocess
+
+    from tests.conftest import BIN, REPO, train_command
+
+    model_dir, data_dir = tiny_model
+    params = write_params(lora_raw(tiny_raw, str(model_dir), max_steps=8, eval_every=8, checkpoint_every=8))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    runs = {}
+    for name, launcher in (("single", []), ("two", [str(BIN / "accelerate"), "launch", "--config_file",
+                                                    str(REPO / "conf/accelerate/ddp_cpu.yaml")])):
+        workdir = tmp_path / name
+        workdir.mkdir()
+        command = train_command(workdir, params, data_dir)
+        proc = subprocess.run([*launcher, *command[1:]] if launcher else command, cwd=workdir, env=env,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = json.loads((workdir / "train.json").read_text())
+        assert (workdir / "best/adapter_model.safetensors").is_file() and not (workdir / "best/model.safetensors").exists()
+    assert (runs["two"]["processes"], runs["single"]["processes"]) == (2, 1)
+    # the same global batch split over two processes: the same recipe, so nearly the same losses
+    import csv
+
+    losses = {n: [float(r["loss"]) for r in csv.DictReader(open(tmp_path / n / "train_log.csv"))] for n in runs}
+    assert len(losses["two"]) == len(losses["single"]) == 8
+    assert all(abs(a - b) / b < 0.01 for a, b in zip(losses["two"], losses["single"])), losses
