@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 REGISTRY_INIT = re.compile(r"^models:/(?P<name>[^/@\s]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 RECORD = "init.json"  # beside a fetched version's weights: which version they are
 BLIP_ARTIFACT = "blip"  # the registered pyfunc model's artifact holding the BLIP directory (register.py)
-BASE_FILE = "base.json"  # in an adapter's directory: the pinned record of the model it adapts
 
 
 class InitError(FashioncapError):
@@ -94,7 +93,7 @@ def resolve(init: str, client=None) -> dict:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as error:
         raise InitError(f"model.init '{init}': no such version in the registry at {registry_uri()} "
-                        f"({str(error).splitlines()[0][:200]}). `fashioncap versions` lists them") from None
+                        f"({str(error).splitlines()[0][:200]}). The MLflow UI's Models page lists its versions") from None
     return {"init": init, "kind": kind, "name": name, "version": str(mv.version), "alias": alias,
             "run_id": mv.run_id, "model_digest": (mv.tags or {}).get("model_digest"),
             "method": (mv.tags or {}).get("method", "full"), "uri": f"models:/{name}/{mv.version}"}
