@@ -99,6 +99,17 @@ def resolve(init: str, client=None) -> dict:
             "method": (mv.tags or {}).get("method", "full"), "uri": f"models:/{name}/{mv.version}"}
 
 
+def hub_commit(repo_id: str, cache_dir: str | None = None) -> str | None:
+    """The commit of a Hub model in the local Hugging Face cache (what from_pretrained just loaded), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(repo_id, "config.json", cache_dir=cache_dir)
+    except ValueError:  # not a repo id
+        return None
+    return Path(path).parent.name if isinstance(path, str) else None
+
+
 def record_from_tags(tags: dict[str, str]) -> dict | None:
     """The init record a run was trained from, rebuilt from its init.* tags (Init.tags); None for a run from
     before they were recorded."""

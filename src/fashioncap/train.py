@@ -266,8 +266,10 @@ def build(params: Params, data_dir: Path, init=None) -> Job:
     processor = build_processor(params.model, dataset["train"]["caption"], init)
     model = apply_memory_options(initial_model(params.model, processor, params.seed, init), cfg.freeze_vision,
                                  cfg.gradient_checkpointing)
-    if init.record["kind"] == "hub" and getattr(model.config, "_commit_hash", None):  # the Hub commit it loaded
-        init = origin.Init({**init.record, "revision": model.config._commit_hash}, init.source)
+    if init.record["kind"] == "hub":  # the Hub commit it loaded: what a LoRA version's base reference pins
+        commit = getattr(model.config, "_commit_hash", None) or origin.hub_commit(init.source)
+        if commit:
+            init = origin.Init({**init.record, "revision": commit}, init.source)
     if cfg.method == "lora":
         set_seed(params.seed)  # the adapters' random init (lora_A), the same in every run of these params
         model = adapters.add_lora(model, cfg.lora, cfg.freeze_vision)

@@ -88,3 +88,15 @@ def test_a_version_whose_artifacts_changed_after_pinning_is_refused(two_versions
     forged = {**record, "weights": "0" * 64}
     with pytest.raises(origin.InitError, match="holds other weights than when it was pinned"):
         origin.fetch(forged, tmp_path / "elsewhere")
+
+
+def test_a_hub_init_is_pinned_to_the_commit_its_cache_holds(tmp_path):
+    """What a LoRA version on a Hub base names as its base: the id at the commit training loaded."""
+    repo = tmp_path / "models--Salesforce--blip-image-captioning-base"
+    commit = "82a37760796d32b1411fe092ab5d4e227313294b"
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    assert origin.hub_commit("Salesforce/blip-image-captioning-base", str(tmp_path)) == commit
+    assert origin.hub_commit("Salesforce/not-cached", str(tmp_path)) is None
