@@ -6,8 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import signal
-import time
 
 import pytest
 import yaml
@@ -153,19 +151,14 @@ def test_a_lora_training_resumes_after_a_kill_to_the_same_bits_and_runs_as_two_d
 
     from fashioncap import checkpoint
     from tests.conftest import BIN, REPO, train_command
-    from tests.stage.test_resume import checkpoint_step, start
+    from tests.stage.test_resume import killed_after_checkpoint, start
 
     model_dir, data_dir = tiny_model
     params = write_params(lora_raw(tiny_raw, str(model_dir), max_steps=12, eval_every=4, checkpoint_every=4,
                                    patience=10))
     straight, crashed, two = tmp_path / "straight", tmp_path / "crashed", tmp_path / "two"
     assert start(straight, params, data_dir).wait(timeout=600) == 0, (straight / "stderr.log").read_text()[-3000:]
-    proc = start(crashed, params, data_dir)
-    deadline = time.monotonic() + 300
-    while checkpoint_step(crashed) < 4 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, "training ended before it could be killed"
+    killed_after_checkpoint(crashed, params, data_dir, 4, poll=0.005)
     held = torch.load(crashed / "ckpt" / "state" / checkpoint.STATE_FILE, weights_only=True)["model"]
     assert held and all("lora_" in k for k in held)  # the checkpoint holds the adapter, not the base
     for output in ("best", "run.json"):

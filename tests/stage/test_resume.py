@@ -38,6 +38,16 @@ def checkpoint_step(workdir: Path) -> int:
         return 0
 
 
+def killed_after_checkpoint(workdir: Path, params: Path, data_dir: Path, step: int, poll: float = 0.02) -> None:
+    """Starts the train stage and SIGKILLs it once its checkpoint has reached `step`."""
+    proc = start(workdir, params, data_dir)
+    deadline = time.monotonic() + 300
+    while checkpoint_step(workdir) < step and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(poll)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "training ended before it could be killed"
+
+
 STEPS = 28  # killed after the checkpoint of step 12: evaluations before and after the resume
 # the fault points inside a checkpoint's write and swap, walked here on the train stage alone (a kill after a
 # whole checkpoint is the test above)
@@ -60,12 +70,7 @@ def test_killed_training_resumes_to_bit_identical_results(tmp_path, long_params,
     assert start(straight, long_params, data_dir).wait(timeout=600) == 0
     assert json.loads((straight / "fingerprint.json").read_text())["mixed_precision"] == "bf16"
 
-    proc = start(crashed, long_params, data_dir)
-    deadline = time.monotonic() + 300
-    while checkpoint_step(crashed) < 12 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait(timeout=60) == -signal.SIGKILL, "training ended before it could be killed"
+    killed_after_checkpoint(crashed, long_params, data_dir, 12)
     assert not (crashed / "train.json").exists()
     run_id = json.loads((crashed / "run.json").read_text())["run_id"]
     for output in ("best", "run.json"):  # DVC deletes a stage's outputs before it runs the stage again
