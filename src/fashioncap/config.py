@@ -27,6 +27,9 @@ class _Section(BaseModel):
 class SyntheticData(_Section):
     items: Annotated[int, Field(ge=20)]
     render_size: Annotated[int, Field(ge=32, le=1024)]
+    # base: the catalogue the offline profile trains on; new: the next season's designs (synthetic.NEW_DESIGNS),
+    # prepared with the base part's test split beside it (split base_test) to measure forgetting
+    part: Literal["base", "new"]
 
 
 class DataParams(_Section):

@@ -16,11 +16,14 @@ from PIL import Image
 from .config import DataParams
 from .captions import clean_caption as clean_text
 from .runtime import FashioncapError
-from .synthetic import catalogue
+from .synthetic import catalogue, draw_product
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
+# beside the splits of the synthetic catalogue's new part: the base part's test split, on which the model that
+# was adapted and the one adapted from are scored again, to measure what adapting forgot
+BASE_TEST = "base_test"
 TOKEN_LENGTHS = "caption_tokens.json"  # beside the prepared splits: caption lengths in the model's tokens
 OFFLINE_HINT = "dvc exp run -S profile=offline"
 
@@ -59,10 +62,27 @@ def clean_caption(caption: object) -> str:
     return clean_text(caption) if isinstance(caption, str) else ""
 
 
+def synthetic_key(seed: int, index: int, part: str = "base") -> str:
+    """The item key of a synthetic product (the new part's keys never meet the base part's)."""
+    return f"synthetic-{seed}-{index:06d}" if part == "base" else f"synthetic-{part}-{seed}-{index:06d}"
+
+
 def _synthetic_items(cfg: DataParams, seed: int) -> Iterator[RawItem]:
-    for index, product in enumerate(catalogue(seed, cfg.synthetic.items, cfg.synthetic.render_size)):
-        yield RawItem(f"synthetic-{seed}-{index:06d}", product.image, product.caption, product.category,
-                      f"synthetic item {index}")
+    part = cfg.synthetic.part
+    for index, product in enumerate(catalogue(seed, cfg.synthetic.items, cfg.synthetic.render_size, part)):
+        yield RawItem(synthetic_key(seed, index, part), product.image, product.caption, product.category,
+                      f"synthetic item {index}" if part == "base" else f"{part} synthetic item {index}")
+
+
+def base_test_items(cfg: DataParams, seed: int) -> Iterator[RawItem]:
+    """The test split of the synthetic base part's first data.synthetic.items items, with this config's split
+    fractions and salt: what a model trained on the base part with the same ones was tested on. Only those items
+    are drawn."""
+    for index in range(cfg.synthetic.items):
+        key = synthetic_key(seed, index)
+        if split_of(key, cfg.split_salt, cfg.val_fraction, cfg.test_fraction) == "test":
+            product = draw_product(seed, index, cfg.synthetic.render_size)
+            yield RawItem(key, product.image, product.caption, product.category, f"synthetic item {index}")
 
 
 def _check_hub(cfg: DataParams) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import faults
 from .config import Params, load_params
+from .data import BASE_TEST
 from .attributes import Vocabulary, attribute_scores, confusions
 from .metrics import Meteor, caption_scores, per_item_cider_d
 from .ptb import coco_tokens
@@ -66,10 +67,24 @@ def per_category(categories: list[str | None], references: list[str], before: li
     return out
 
 
+def forgetting_table(references: list[str], before: list[str], after: list[str], meteor: Meteor | None = None,
+                     vocabulary: Vocabulary | None = None) -> dict:
+    """Before/after scores on the test split of the catalogue the initial model was trained on (BASE_TEST), and
+    how much of each score adapting lost (`forgot`: before - after; positive is forgetting)."""
+    refs = [[r] for r in references]
+    table = {"items": len(references), "before": caption_scores(refs, before, meteor),
+             "after": caption_scores(refs, after, meteor)}
+    table["forgot"] = {name: table["before"][name] - table["after"][name] for name in table["after"]}
+    if vocabulary is not None:
+        table["attributes"] = {"before": attribute_scores(vocabulary, refs, before),
+                               "after": attribute_scores(vocabulary, refs, after)}
+    return table
+
+
 def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None, meteor: Meteor | None = None,
              vocabulary: Vocabulary | None = None, init=None) -> tuple[dict, list[dict], list]:
-    """Captions the test split with the initial and the fine-tuned weights; returns scores, predictions and
-    the test images."""
+    """Captions the test split with the initial and the fine-tuned weights (and, when the data has one, the base
+    catalogue's test split: forgetting); returns scores, predictions and the test images."""
     import datasets
     import torch
     from transformers import BlipProcessor
@@ -79,16 +94,27 @@ def evaluate(params: Params, data_dir: Path, model_dir: Path, limit: int | None,
     if limit is not None:
         test = test.select(range(min(limit, len(test))))
     images, references = list(test["image"]), list(test["caption"])
+    base = dataset[BASE_TEST] if BASE_TEST in dataset else None
+    if base is not None and limit is not None:
+        base = base.select(range(min(limit, len(base))))
     seen = set(dataset["train"]["caption"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     precision = mixed_precision(params.train.mixed_precision)  # the training's, resolved on this machine
     processor = BlipProcessor.from_pretrained(model_dir)
     before_model = initial_model(params.model, processor, params.seed, init).to(device)
     before = caption_all(before_model, processor, images, params.generate, desc="caption (before)", precision=precision)
+    if base is not None:
+        base_before = caption_all(before_model, processor, list(base["image"]), params.generate,
+                                  desc="caption base test (before)", precision=precision)
     del before_model
     after_model = load_model(model_dir, params.model.attention, known_base=init).to(device)  # an adapter: on init
     after = caption_all(after_model, processor, images, params.generate, desc="caption (after)", precision=precision)
     table = score_table(references, before, after, [r not in seen for r in references], meteor, vocabulary)
+    if base is not None:
+        base_after = caption_all(after_model, processor, list(base["image"]), params.generate,
+                                 desc="caption base test (after)", precision=precision)
+        table[BASE_TEST] = forgetting_table(list(base["caption"]), base_before, base_after, meteor, vocabulary)
+        table[BASE_TEST]["test_digest"] = testset_digest(list(base["key"]), list(base["caption"]))
     table["test_digest"] = testset_digest(list(test["key"]), references)
     categories = list(test["category"])
     table["per_category"] = per_category(categories, references, before, after)
@@ -133,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
     faults.point("evaluate.written")
     logged = tracking.mlflow_metrics(table)
     run_id = tracking.stage_run(params, tracking.read_run_ref(args.run_ref), "evaluate",
-                                inherit_metric=lambda key: key not in logged and not key.startswith("test_"))
+                                inherit_metric=lambda key: key not in logged and not key.startswith(("test_", "base_test")))
     with tracking.resume_run(run_id):
         import mlflow
 
@@ -151,6 +177,10 @@ def main(argv: list[str] | None = None) -> None:
     b, a = table["before"], table["after"]
     log.info("test CIDEr-D %.3f -> %.3f, BLEU-4 %.3f -> %.3f (%d items, %d with a caption unseen in training)",
              b["cider_d"], a["cider_d"], b["bleu_4"], a["bleu_4"], table["test_items"], table["novel_items"])
+    if BASE_TEST in table:
+        base = table[BASE_TEST]
+        log.info("base catalogue's test split: CIDEr-D %.3f -> %.3f (forgot %.3f; %d items)", base["before"]["cider_d"],
+                 base["after"]["cider_d"], base["forgot"]["cider_d"], base["items"])
 
 
 if __name__ == "__main__":

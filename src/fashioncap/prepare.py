@@ -16,7 +16,8 @@ from PIL import Image
 
 from . import faults
 from .config import DataParams, ModelParams, Params, load_params
-from .data import SPLITS, TOKEN_LENGTHS, DataSourceError, check_source, RawItem, clean_caption, read_source, split_of
+from .data import (BASE_TEST, SPLITS, TOKEN_LENGTHS, DataSourceError, check_source, RawItem, base_test_items,
+                   clean_caption, read_source, split_of)
 from .imaging import ImageInputError, decode_image, encode_image, to_model_image
 from .modeling import build_processor
 from .runtime import progress, run_stage, stage_args
@@ -88,7 +89,8 @@ def prepare_items(items: Iterable[RawItem], cfg: DataParams, size: int) -> Itera
 
 
 def build_splits(params: Params) -> tuple[dict[str, list[dict]], list[dict]]:
-    """Reads the source; returns the rows of each split and a report of every rejected item."""
+    """Reads the source; returns the rows of each split (and, for the synthetic new part, of the base part's test
+    split, BASE_TEST) and a report of every rejected item."""
     cfg = params.data
     rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
     rejected: list[dict] = []
@@ -106,9 +108,16 @@ def build_splits(params: Params) -> tuple[dict[str, list[dict]], list[dict]]:
             continue
         first_seen[row["digest"]] = (row["key"], row["caption"])
         split = split_of(row["key"], cfg.split_salt, cfg.val_fraction, cfg.test_fraction)
-        rows[split].append({"key": row["key"], "image": {"bytes": row["bytes"], "path": None},
-                            "caption": row["caption"], "category": row["category"]})
+        rows[split].append(_stored(row))
+    if cfg.source == "synthetic" and cfg.synthetic.part == "new":
+        base_test = prepare_items(base_test_items(cfg, params.seed), cfg, params.model.image_size)
+        rows[BASE_TEST] = [_stored(row) for row in base_test if "kind" not in row]
     return rows, rejected
+
+
+def _stored(row: dict) -> dict:
+    return {"key": row["key"], "image": {"bytes": row["bytes"], "path": None}, "caption": row["caption"],
+            "category": row["category"]}
 
 
 def check_rejections(kept: int, rejected: list[dict], limit: float) -> None:
@@ -130,11 +139,11 @@ def summarise(rows: dict[str, list[dict]], rejected: list[dict]) -> dict:
     test = rows["test"]
     overlap = sum(r["caption"] in train_captions for r in test)
     return {
-        "items": sum(len(v) for v in rows.values()),
-        **{f"{s}_items": len(rows[s]) for s in SPLITS},
+        "items": sum(len(rows[s]) for s in SPLITS),
+        **{f"{s}_items": len(rows[s]) for s in rows},
         "rejected": len(rejected),
         "rejected_by_reason": dict(sorted(Counter(r["kind"] for r in rejected).items())),
-        "categories": dict(sorted(Counter(r["category"] for v in rows.values() for r in v if r["category"]).items())),
+        "categories": dict(sorted(Counter(r["category"] for s in SPLITS for r in rows[s] if r["category"]).items())),
         "test_captions_seen_in_train": overlap,
         "test_caption_overlap": overlap / len(test) if test else 0.0,
     }
@@ -175,7 +184,7 @@ def save(rows: dict[str, list[dict]], rejected: list[dict], out: Path, lengths: 
         "category": datasets.Value("string"),
     })
     dd = datasets.DatasetDict({
-        s: datasets.Dataset.from_list(rows[s], features=features) for s in SPLITS
+        s: datasets.Dataset.from_list(split, features=features) for s, split in rows.items()
     })
     if out.exists():
         shutil.rmtree(out)
@@ -192,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     init = origin.load(params.model.init, args.init)
     processor = None if params.model.from_scratch else build_processor(params.model, [], init)
     rows, rejected = build_splits(params)
-    check_rejections(sum(len(v) for v in rows.values()), rejected, params.data.max_rejected_fraction)
+    check_rejections(sum(len(rows[s]) for s in SPLITS), rejected, params.data.max_rejected_fraction)
     empty = [s for s in SPLITS if not rows[s]]
     if empty:
         raise DataSourceError(f"split(s) {empty} are empty: the source holds too few items for the split "

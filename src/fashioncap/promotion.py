@@ -14,12 +14,13 @@ from .runtime import FashioncapError
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
 CIDER_TAG, BLEU_TAG, DIGEST_TAG, RUN_TAG, COMMIT_TAG = "test_cider_d", "test_bleu_4", "data_digest", "run_id", "git_commit"
 PROFILE_TAG = "profile"
+CIDER_BEFORE_TAG, INIT_VERSION_TAG = "test_cider_d_before", "init_version"  # the init's score on the same test set
 # register's digest of what a version serves and was evaluated with (served config, test table): the same
 # run registered again with a different one is a new version
 REGISTRATION_TAG = "registration_digest"
 # Profiles whose models are demonstrations (a small model on a synthetic catalogue, the test suite's tiny
 # params): never a shop's champion by accident, whatever they score on their own test set.
-DEMO_PROFILES = ("offline",)
+DEMO_PROFILES = ("offline", "offline-adapt")
 
 
 class RegistryError(FashioncapError):
@@ -34,6 +35,8 @@ class Version:
     cider_d: float
     digest: str
     profile: str = "unknown"
+    init_version: str | None = None  # the registry version it was fine-tuned from (same registered model)
+    cider_d_before: float | None = None  # that version's score on this version's test set
 
     @classmethod
     def of(cls, mv, client=None) -> "Version":
@@ -41,8 +44,11 @@ class Version:
         tags = mv.tags or {}
         if CIDER_TAG not in tags or DIGEST_TAG not in tags:
             raise RegistryError(f"version {mv.version} has no '{CIDER_TAG}'/'{DIGEST_TAG}' tags to compare by")
+        before, init = tags.get(CIDER_BEFORE_TAG), tags.get(INIT_VERSION_TAG)
+        if tags.get("init_uri") != f"models:/{mv.name}/{init}":
+            init = None  # not a version of this registered model
         return cls(str(mv.version), float(tags[CIDER_TAG]), tags[DIGEST_TAG], tags.get(PROFILE_TAG)
-                   or _run_profile(client, mv) or "unknown")
+                   or _run_profile(client, mv) or "unknown", init, float(before) if before is not None else None)
 
 
 def _run_profile(client, mv) -> str | None:
@@ -87,10 +93,18 @@ def refusal(candidate: Version, champion: Version | None, force: bool) -> str | 
         return None
     if candidate.number == champion.number:
         return f"version {candidate.number} is already the {CHAMPION}"
-    if candidate.profile in DEMO_PROFILES and candidate.profile != champion.profile:
+    if candidate.profile in DEMO_PROFILES and champion.profile not in DEMO_PROFILES:
         return (f"version {candidate.number} was trained by the '{candidate.profile}' profile, a demonstration, and "
                 f"{CHAMPION} version {champion.number} by the '{champion.profile}' profile: a demonstration model "
                 f"does not replace it. Use --force to promote anyway")
+    if candidate.digest != champion.digest and candidate.init_version == champion.number \
+            and candidate.cider_d_before is not None:
+        # fine-tuned from the champion on other data: its `before` is the champion's score on its own test set
+        if candidate.cider_d <= candidate.cider_d_before:
+            return (f"version {candidate.number} (test CIDEr-D {candidate.cider_d:.4f}) does not beat {CHAMPION} "
+                    f"version {champion.number}, which it was fine-tuned from, on its test set ({champion.number} "
+                    f"scored {candidate.cider_d_before:.4f} there). Use --force to promote anyway")
+        return None
     if candidate.digest != champion.digest:
         return (f"version {candidate.number} was tested on another test set (digest {candidate.digest[:12]}) than "
                 f"{CHAMPION} version {champion.number} ({champion.digest[:12]}); their scores do not compare. "

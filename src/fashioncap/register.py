@@ -82,7 +82,8 @@ def model_card(params: Params, table: dict, run, init: dict | None = None) -> st
             if params.train.method == "lora" else f"Fashion product captioner fine-tuned from {origin.describe(init)}")
     source = {"hub": f"Hub dataset `{params.data.hub_id}` @ `{params.data.revision}`",
               "imagefolder": f"local imagefolder `{params.data.path}`",
-              "synthetic": f"synthetic catalogue ({params.data.synthetic.items} items, seed {params.seed})"}
+              "synthetic": f"synthetic catalogue ({params.data.synthetic.items} items of its "
+                           f"{params.data.synthetic.part} part, seed {params.seed})"}
     return "\n".join([
         f"{what} ({params.profile} profile).",
         f"Data: {source[params.data.source]}; test split of {table['test_items']} items, "
@@ -91,6 +92,9 @@ def model_card(params: Params, table: dict, run, init: dict | None = None) -> st
         f"ROUGE-L {b['rouge_l']:.3f} -> {a['rouge_l']:.3f}"
         + (f", METEOR {b['meteor']:.3f} -> {a['meteor']:.3f}" if "meteor" in a else "")
         + " (before -> after fine-tuning).",
+        *([f"Forgetting: CIDEr-D {table['base_test']['before']['cider_d']:.3f} -> "
+           f"{table['base_test']['after']['cider_d']:.3f} on the test split of the catalogue it was adapted from "
+           f"({table['base_test']['items']} items)."] if "base_test" in table else []),
         f"Run {run.info.run_id}, git commit {run.data.tags.get('mlflow.source.git.commit', 'unknown')}.",
         "Input: base64-encoded images (column `image`); output: one caption per image.",
         "Limitations: describes products in the style of its training captions; English only; "
@@ -197,6 +201,11 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
             "model_digest": run.data.tags.get("model.digest", "unknown"),
             promotion.COMMIT_TAG: run.data.tags.get("mlflow.source.git.commit", "unknown"),
             promotion.REGISTRATION_TAG: registration,
+            # the init's score on this version's test set: what promotion compares an adaptation of the champion to
+            promotion.CIDER_BEFORE_TAG: str(table["before"]["cider_d"]),
+            **({"base_test_digest": table["base_test"]["test_digest"],
+                "base_test_cider_d": str(table["base_test"]["after"]["cider_d"]),
+                "base_test_cider_d_before": str(table["base_test"]["before"]["cider_d"])} if "base_test" in table else {}),
             **{f"test_{m}": str(table["after"][m]) for m in ("rouge_l", "meteor") if m in table["after"]},
             **{k.replace(".", "_"): v for k, v in origin.Init(init, init["init"]).tags.items()}, **method,
             **{f"test_attr_{kind}_f1": str(s["f1"]) for kind, s in table.get("attributes", {}).get("after", {}).items()

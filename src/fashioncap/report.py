@@ -108,7 +108,7 @@ def _card(p: dict, image: str) -> str:
             f"{text}</div>")
 
 
-def _attributes_section(attributes: dict) -> str:
+def _attributes_section(attributes: dict, heading: str = "h2") -> str:
     """Per attribute type: precision, recall and F1 before and after, and the most frequent confusions."""
     def cell(value) -> str:
         return "–" if value is None else f"{value:.3f}"
@@ -126,7 +126,7 @@ def _attributes_section(attributes: dict) -> str:
     confused = "".join(f"<li>{html.escape(c['type'])}: reference <b>{html.escape(c['reference'])}</b> → caption "
                        f"<b>{html.escape(c['caption'])}</b> ({c['count']}×)</li>"
                        for c in attributes.get("confusions_after", []))
-    return ("<h2>Attributes</h2><p>Colours, patterns, materials, garment types and details stated by the captions "
+    return (f"<{heading}>Attributes</{heading}><p>Colours, patterns, materials, garment types and details stated by the captions "
             "against those of the references (conf/attributes.yaml).</p>"
             f"<table>{head}{''.join(rows)}</table>"
             + (f"<h3>Most frequent confusions after fine-tuning</h3><ul>{confused}</ul>" if confused else ""))
@@ -148,6 +148,14 @@ def render(title: str, evaluation: dict, training: dict, predictions: list[dict]
              f"{counts['worse']}</span> and unchanged on {counts['same']}.</p>", _scores_table(rows)]
     if evaluation.get("attributes"):
         parts.append(_attributes_section(evaluation["attributes"]))
+    if "base_test" in evaluation:  # adapted from a model trained on another catalogue: what it forgot of that one
+        base = evaluation["base_test"]
+        parts.append(f"<h2>Forgetting: the base catalogue's test split</h2><p>{base['items']} test images of the "
+                     "catalogue the initial model was trained on, captioned by it (before) and by the adapted model "
+                     f"(after): CIDEr-D {base['before']['cider_d']:.3f} &rarr; {base['after']['cider_d']:.3f}.</p>")
+        parts.append(_scores_table([("base catalogue's test split", base["before"], base["after"])]))
+        if base.get("attributes"):
+            parts.append(_attributes_section(base["attributes"], heading="h3"))
     categories = evaluation.get("per_category") or {}
     if categories:
         parts.append("<h2>By category</h2>")

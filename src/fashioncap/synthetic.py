@@ -3,6 +3,10 @@
 Every caption states only what is drawn, so a model can learn it from the pixels. Five
 categories, each with four or more visible attributes (part colours, patterns, textures,
 shapes, markers), placed at varied positions and scales on varied backgrounds.
+
+The catalogue has two parts. `base` is the catalogue the offline profile trains on. `new` is the next
+season: products of designs the base part never draws (NEW_DESIGNS), for adapting a trained model to
+products it has not seen (profile offline-adapt).
 """
 
 from __future__ import annotations
@@ -36,6 +40,17 @@ LENSES: dict[str, tuple[int, int, int]] = {
     "yellow": (240, 200, 40),
 }
 CATEGORIES = ("watch", "handbag", "t-shirt", "sneaker", "sunglasses")
+PARTS = ("base", "new")
+# The new part's designs: a value of one attribute that the base part never draws for that category. Each is
+# said in words the base part's captions already use (a chain strap is a handbag's, checks are a handbag's,
+# lens colours are other parts' colours), so a model trained on the base part has every word it needs: a
+# scratch model's vocabulary is its training captions', and an unknown word would be [UNK] to it.
+NEW_DESIGNS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "watch": ("strap", ("chain strap",)),
+    "t-shirt": ("pattern", ("checked",)),
+    "sunglasses": ("lens", ("red", "purple", "grey")),
+}
+NEW_CATEGORIES = tuple(NEW_DESIGNS)
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,8 @@ def _watch(c: _Canvas, a: dict[str, str]) -> None:
                 c.draw.line([c.pt(0.36, y), c.pt(0.64, y)], fill=ink, width=c.width(0.02))
             elif a["strap"] == "rubber strap" and i % 3 == 1:
                 c.draw.ellipse(c.box(0.47, y - 0.02, 0.53, y + 0.02), fill=ink)
+            elif a["strap"] == "chain strap" and i % 2 == 0:  # open links, as the handbags' chain
+                c.draw.ellipse(c.box(0.4, y - 0.035, 0.6, y + 0.035), outline=ink, width=c.width(0.015))
         if a["strap"] == "leather strap":
             for x in (0.39, 0.61):
                 c.draw.line([c.pt(x, y0), c.pt(x, y1)], fill=ink, width=c.width(0.012))
@@ -231,8 +248,11 @@ def _tshirt(c: _Canvas, a: dict[str, str]) -> None:
 
 
 def _tshirt_caption(a: dict[str, str]) -> str:
-    pattern = {"plain": "", "striped": f" with {a['pattern_colour']} stripes", "dotted": f" with {a['pattern_colour']} dots"}
     pocket = "" if a["pocket"] == "no" else f" and {a['pocket']} pocket"
+    if a["pattern"] == "checked":  # the new part's; said as the handbags' checks are
+        return (f"a {a['colour']} and {a['pattern_colour']} checked {a['sleeves']} sleeve t-shirt "
+                f"with a {a['neck']}{pocket}")
+    pattern = {"plain": "", "striped": f" with {a['pattern_colour']} stripes", "dotted": f" with {a['pattern_colour']} dots"}
     return f"a {a['colour']} {a['sleeves']} sleeve t-shirt{pattern[a['pattern']]} with a {a['neck']}{pocket}"
 
 
@@ -276,15 +296,16 @@ def _sunglasses_attributes(rng: random.Random) -> dict[str, str]:
 
 def _sunglasses(c: _Canvas, a: dict[str, str]) -> None:
     frame = COLOURS[a["frame"]]
+    lens = LENSES.get(a["lens"]) or COLOURS[a["lens"]]  # the new part's lenses take a colour of COLOURS
     for x0 in (0.08, 0.54):
         box = c.box(x0, 0.35, x0 + 0.38, 0.68)
         if a["shape"] == "round":
-            c.draw.ellipse(box, fill=LENSES[a["lens"]], outline=frame, width=c.width(0.04))
+            c.draw.ellipse(box, fill=lens, outline=frame, width=c.width(0.04))
         elif a["shape"] == "square":
-            c.draw.rectangle(box, fill=LENSES[a["lens"]], outline=frame, width=c.width(0.04))
+            c.draw.rectangle(box, fill=lens, outline=frame, width=c.width(0.04))
         else:
             drop = c.poly([(x0, 0.35), (x0 + 0.38, 0.35), (x0 + 0.34, 0.6), (x0 + 0.19, 0.72), (x0 + 0.04, 0.6)])
-            c.draw.polygon(drop, fill=LENSES[a["lens"]], outline=frame, width=c.width(0.04))
+            c.draw.polygon(drop, fill=lens, outline=frame, width=c.width(0.04))
     c.draw.line([c.pt(0.46, 0.42), c.pt(0.54, 0.42)], fill=frame, width=c.width(0.04))
     for x0, x1 in ((0.08, 0.0), (0.92, 1.0)):
         c.draw.line([c.pt(x0, 0.38), c.pt(x1, 0.3)], fill=COLOURS[a["arms"]], width=c.width(0.05))
@@ -304,20 +325,28 @@ _DRAWERS = {
 
 
 def draw_product(seed: int, index: int, size: int, changes: Mapping[str, str] | None = None,
-                 backdrop: tuple[int, int, int] | None = None) -> Product:
-    """Draws item `index` of the catalogue seeded by `seed`; the same arguments give the same product.
+                 backdrop: tuple[int, int, int] | None = None, part: str = "base") -> Product:
+    """Draws item `index` of the catalogue part (`base` or `new`) seeded by `seed`; the same arguments give the
+    same product.
 
     `changes` sets some of its attributes (e.g. {"strap_colour": "red"}) and `backdrop` puts it on a flat
     background of that colour; everything else (placement, scale, other attributes) stays as drawn, so
-    one factor can be varied at a time."""
-    rng = random.Random(f"{seed}:{index}")
-    category = CATEGORIES[index % len(CATEGORIES)]
+    one factor can be varied at a time. A `new` item is a product of one of NEW_DESIGNS, drawn from its own
+    random stream: no base item shares its placement or its other attributes."""
+    if part not in PARTS:
+        raise ValueError(f"a catalogue part is one of {PARTS}, not {part!r}")
+    rng = random.Random(f"{seed}:{index}" if part == "base" else f"{seed}:new:{index}")
+    categories = CATEGORIES if part == "base" else NEW_CATEGORIES
+    category = categories[index % len(categories)]
     image = _background(rng, size)
     if backdrop is not None:
         image = Image.new("RGB", (size, size), backdrop)
     canvas = _Canvas(image, rng)
     choose, draw, caption = _DRAWERS[category]
     attributes = choose(rng)
+    if part == "new":
+        name, values = NEW_DESIGNS[category]
+        attributes[name] = rng.choice(values)
     unknown = set(changes or {}) - set(attributes)
     if unknown:
         raise ValueError(f"a {category} has no attribute {sorted(unknown)}; it has {sorted(attributes)}")
@@ -326,7 +355,7 @@ def draw_product(seed: int, index: int, size: int, changes: Mapping[str, str] | 
     return Product(category, attributes, caption(attributes), image)
 
 
-def catalogue(seed: int, items: int, size: int) -> Iterator[Product]:
-    """Yields `items` products of the catalogue seeded by `seed`, cycling through the categories."""
+def catalogue(seed: int, items: int, size: int, part: str = "base") -> Iterator[Product]:
+    """Yields `items` products of the catalogue part seeded by `seed`, cycling through its categories."""
     for index in range(items):
-        yield draw_product(seed, index, size)
+        yield draw_product(seed, index, size, part=part)

@@ -287,4 +287,10 @@ def mlflow_metrics(table: dict) -> dict[str, float]:
         for when in ("before", "after"):
             for name in ("cider_d", "bleu_4"):
                 out[f"category/{category}/test_{when}_{name}"] = scores[when][name]
+    base = table.get("base_test", {})  # the base catalogue's test split, after adapting: base_test_<when>_<metric>
+    for when in ("before", "after", "forgot"):
+        out.update({f"base_test_{when}_{name}": value for name, value in base.get(when, {}).items()})
+    for when, suffix in (("after", ""), ("before", "_before")):
+        for kind, s in base.get("attributes", {}).get(when, {}).items():
+            out.update({f"base_test/attr/{kind}/{m}{suffix}": s[m] for m in ("f1",) if s[m] is not None})
     return out

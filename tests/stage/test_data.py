@@ -86,3 +86,18 @@ def test_default_profile_without_hub_access_stops_fast_naming_the_offline_comman
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - started < 60
     assert not (tmp_path / "out").exists()
+
+
+def test_the_new_part_is_prepared_with_the_base_parts_test_split_beside_it(tiny_raw):
+    """What a model adapted from the base part forgot is scored on exactly what that model was tested on."""
+    from fashioncap.prepare import build_splits
+
+    base_rows, _ = build_splits(parse_params(tiny_raw))
+    new_raw = {**tiny_raw, "data": {**tiny_raw["data"], "synthetic": {**tiny_raw["data"]["synthetic"], "part": "new"}}}
+    new_rows, rejected = build_splits(parse_params(new_raw))
+    assert set(base_rows) == {"train", "validation", "test"} and not rejected
+    assert [r["key"] for r in new_rows["base_test"]] == [r["key"] for r in base_rows["test"]]
+    assert [r["caption"] for r in new_rows["base_test"]] == [r["caption"] for r in base_rows["test"]]
+    assert new_rows["base_test"][0]["image"]["bytes"] == base_rows["test"][0]["image"]["bytes"]
+    new_keys = {r["key"] for split in ("train", "validation", "test") for r in new_rows[split]}
+    assert len(new_keys) == 150 and all(k.startswith("synthetic-new-") for k in new_keys)

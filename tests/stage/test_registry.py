@@ -88,6 +88,35 @@ def test_promote_needs_a_better_score_on_the_same_test_set(registry_env, tiny_pa
     assert promotion.promote(client, NAME, "4")[-1] == f"{NAME}@champion: version 2 -> version 4"
 
 
+def test_a_model_adapted_from_the_champion_is_promoted_only_if_it_beats_it_on_its_own_test_set(registry_env,
+                                                                                                tiny_params):
+    """Adapted to new products, a version is tested on another test set than the champion's; its `before` is
+    the champion's score on that set, and promotion compares with it."""
+    client, model_dir, data_dir = registry_env
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(2.0))
+    promotion.promote(client, NAME)
+    adapt = tiny_params.model_copy(update={"profile": "offline-adapt"})  # a demonstration as the champion is
+    from_champion = {"init": f"models:/{NAME}@champion", "kind": "registry", "uri": f"models:/{NAME}/1",
+                     "version": "1", "alias": "champion"}
+
+    def adapted(after: float, init: dict, digest: str = "new-season") -> str:
+        scores = table(after, digest)
+        scores["before"]["cider_d"] = 1.2  # the init's captions of the new products
+        return register(adapt, new_run(adapt), model_dir, data_dir, scores, init)
+
+    assert adapted(0.9, from_champion) == "2"
+    assert client.get_model_version(NAME, "2").tags[promotion.CIDER_BEFORE_TAG] == "1.2"
+    with pytest.raises(promotion.RegistryError, match="does not beat champion version 1, which it was fine-tuned "
+                                                      "from, on its test set .1 scored 1.2000 there"):
+        promotion.promote(client, NAME)
+    assert adapted(3.0, from_champion) == "3"
+    assert promotion.promote(client, NAME)[-1] == f"{NAME}@champion: version 1 -> version 3"
+    # fine-tuned from a version that is not the champion: its `before` says nothing of the champion
+    assert adapted(9.0, {**from_champion, "uri": f"models:/{NAME}/2", "version": "2"}, "other") == "4"
+    with pytest.raises(promotion.RegistryError, match="another test set"):
+        promotion.promote(client, NAME, "4")
+
+
 def test_a_demo_model_never_replaces_a_champion_of_another_profile(registry_env, tiny_params):
     client, model_dir, data_dir = registry_env
     real = tiny_params.model_copy(update={"profile": "default"})
