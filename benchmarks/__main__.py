@@ -21,6 +21,7 @@ BENCHMARKS = {  # name: module; cheapest first
     "train": "train_step",
     "memory": "memory",
     "adapters": "adapters",
+    "adaptation": "adaptation",
     "serving": "serving",
     "catalogue": "catalogue",
     "pipeline": "pipeline",
@@ -49,7 +50,8 @@ def main() -> None:
                       "(what the test suite runs); its figures are not for quoting")
     parser.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these benchmarks")
     parser.add_argument("--pipeline-repo", type=Path, help="measure the pipeline overhead in this clone, whose "
-                        "pipeline must be up to date, instead of building one with a tiny offline run")
+                        "pipeline must be up to date, instead of building one with a tiny offline run (and, at the "
+                        "smoke level, adapt a copy of its model)")
     args = parser.parse_args()
     from fashioncap.runtime import configure_environment
 
@@ -62,7 +64,7 @@ def main() -> None:
     for name in args.only or BENCHMARKS:
         started = time.perf_counter()
         module = importlib.import_module(f"benchmarks.{BENCHMARKS[name]}")
-        results = module.run(level, args.pipeline_repo) if name == "pipeline" else module.run(level)
+        results = module.run(level, args.pipeline_repo) if name in ("pipeline", "adaptation") else module.run(level)
         seconds[name] = round(time.perf_counter() - started, 1)
         rows.extend(r.as_dict() for r in results)
         # each benchmark's figures as soon as they exist: a later benchmark that fails cannot lose them

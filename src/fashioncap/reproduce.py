@@ -199,6 +199,12 @@ def _dvc(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([_dvc_bin(), *args], cwd=cwd, env=env, capture_output=True, text=True)
 
 
+def _stale(worktree: Path, env: dict, stage: str) -> bool:
+    """Whether the stage's dvc.lock entry is not for its params and dependencies as they are in the worktree."""
+    status = _dvc(["status", "--json", stage], worktree, env)
+    return status.returncode != 0 or bool(json.loads(status.stdout or "{}").get(stage))
+
+
 @dataclass
 class Progress:
     """Turns the re-run's output into progress lines: each stage as it starts, and the training step
@@ -278,10 +284,12 @@ def rerun(repo: Path, revision: str, keep: bool, pins: dict[str, str] | None = N
             elif not record.is_file():
                 log.info("no init record committed at %s: resolving model.init now", revision[:12])
                 _dvc(["repro", "--single-item", "init"], worktree, env)
-        if _dvc(["pull", "prepare"], worktree, env).returncode == 0:
+        if _dvc(["pull", "prepare"], worktree, env).returncode == 0 and not _stale(worktree, env, "prepare"):
             log.info("prepared data fetched from the DVC cache/remote")
         else:
-            log.info("prepared data not in the DVC cache or remote: rebuilding it from its source")
+            # not stored, or stored for other params or init: the commit's dvc.lock is the results of the commit
+            # before it when the run's results were committed after it, and its data params may have changed
+            log.info("prepared data of these params not in the DVC cache or remote: rebuilding it from its source")
             built = _dvc(["repro", "--single-item", "prepare"], worktree, env)  # the committed init, not a new one
             if built.returncode != 0:
                 raise ReproduceError("the prepared data is missing from the DVC remote and rebuilding it failed:\n"

@@ -1,6 +1,8 @@
-"""Continuing from the champion with LoRA, as a user runs it: `dvc repro` with model.init @champion pins the
-version, trains an adapter, registers it as a version that names its base; moving the alias makes the init
-stage's record change (and so what follows it); `fashioncap reproduce` re-runs against the pinned version."""
+"""The adaptation profile as a user runs it, shrunk to the tiny model: `profile=offline-adapt` fine-tunes the
+champion on the synthetic catalogue's new part, with LoRA (`dvc repro` of committed params) and in full
+(`dvc exp run -S ...`). Each pins the champion's version, scores the new products before and after and the
+champion's own test split for forgetting, and registers a version; the adapter version is promoted by the rule,
+made stale by a moved alias and reproduced by `fashioncap reproduce` against the pinned version."""
 
 from __future__ import annotations
 
@@ -11,13 +13,21 @@ import subprocess
 import pytest
 import yaml
 
-from tests.conftest import BIN, copy_repo, git, pending, sh
+from tests.conftest import BIN, TINY_OVERRIDES, compose, copy_repo, git, pending, set_args, sh
 
 pytestmark = pytest.mark.slow
 NAME = "fashion-captioner"
+# the tiny sizes, the adaptation profile's data, init and evaluation; METEOR's Java (twice here, and in the
+# re-run) adds nothing to what is tested
+ADAPT = ["profile=offline-adapt", *[o for o in TINY_OVERRIDES if not o.startswith("profile=")], "train.lr=0.005"]
 
 
-def test_an_adapter_from_the_champion_is_pinned_registered_promoted_and_reproduced(tiny_repo, tmp_path):
+def dvc_status(repo) -> dict:
+    return pending(json.loads(sh([str(BIN / "dvc"), "status", "--json"], repo).stdout))
+
+
+def test_the_adaptation_profile_adapts_the_champion_in_both_methods_and_the_adapter_is_promoted_and_reproduced(
+        tiny_repo, tmp_path):
     from mlflow import MlflowClient
 
     from fashioncap import promotion
@@ -25,32 +35,46 @@ def test_an_adapter_from_the_champion_is_pinned_registered_promoted_and_reproduc
     repo = copy_repo(tiny_repo, tmp_path / "repo")
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     client.set_registered_model_alias(NAME, promotion.CHAMPION, "1")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["model"]["init"] = f"models:/{NAME}@champion"
-    params["train"].update(method="lora", lr=0.005)
-    params["evaluate"]["meteor"] = False  # its Java, twice (here and in the re-run), adds nothing to what is tested
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git(repo, "commit", "-qam", "adapt the champion with LoRA")
+    champion = client.get_model_version(NAME, "1")
+    (repo / "params.yaml").write_text(yaml.safe_dump(compose([*ADAPT, "train.method=lora"]), sort_keys=False))
+    git(repo, "commit", "-qam", "adapt the champion to the new season with LoRA")
     sh([str(BIN / "dvc"), "repro"], repo)
 
     record = json.loads((repo / "models/init.json").read_text())
     assert (record["uri"], record["alias"]) == (f"models:/{NAME}/1", "champion")
     assert not (repo / "models/best/model.safetensors").exists() and (repo / "models/best/adapter_config.json").is_file()
+    evaluation = json.loads((repo / "metrics/eval.json").read_text())
+    forgetting = evaluation["base_test"]
+    # the forgetting set is the champion's own test split, and `before` on it is the champion's own test score
+    assert forgetting["test_digest"] == champion.tags[promotion.DIGEST_TAG]
+    assert forgetting["before"]["cider_d"] == pytest.approx(float(champion.tags[promotion.CIDER_TAG]), abs=1e-9)
+    assert forgetting["forgot"]["cider_d"] == pytest.approx(forgetting["before"]["cider_d"] - forgetting["after"]["cider_d"])
+    assert evaluation["test_digest"] != forgetting["test_digest"]  # the new products are another test set
+    assert "Forgetting: the base catalogue" in (repo / "reports/report.html").read_text()
     registered = json.loads((repo / "models/registered.json").read_text())
     mv = client.get_model_version(NAME, registered["version"])
     assert registered["version"] == "2" and (mv.tags["method"], mv.tags["base"]) == ("lora", f"models:/{NAME}/1")
+    assert (mv.tags["base_test_digest"], mv.tags["init_version"]) == (forgetting["test_digest"], "1")
     run = client.get_run(json.loads((repo / "models/run.json").read_text())["run_id"])
     assert (run.data.tags["init.version"], run.data.tags["init.weights"]) == ("1", record["weights"])
+    assert client.get_run(json.loads((repo / "models/eval_run.json").read_text())["run_id"]).data.metrics[
+        "base_test_forgot_cider_d"] == pytest.approx(forgetting["forgot"]["cider_d"])
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "adapter results")
     assert git(repo, "ls-files", "models/init") == ""  # the fetched weights are not committed
-    assert pending(json.loads(sh([str(BIN / "dvc"), "status", "--json"], repo).stdout)) == {}
+    assert dvc_status(repo) == {}
+
+    # promoted by the rule for an adaptation of the champion: beat the champion's captions of the new products
+    gained = evaluation["after"]["cider_d"] > evaluation["before"]["cider_d"]
+    promote = subprocess.run([str(BIN / "fashioncap"), "promote"], cwd=repo, capture_output=True, text=True,
+                             env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"})
+    assert (promote.returncode == 0) == gained, promote.stdout + promote.stderr
+    assert ("version 1 -> version 2" in promote.stdout) if gained else ("which it was fine-tuned from" in promote.stderr)
 
     client.set_registered_model_alias(NAME, promotion.CHAMPION, "2")  # the adapter is the champion now
     sh([str(BIN / "dvc"), "repro", "--single-item", "init"], repo)
     assert json.loads((repo / "models/init.json").read_text())["version"] == "2"
-    stale = pending(json.loads(sh([str(BIN / "dvc"), "status", "--json"], repo).stdout))
-    assert {"prepare", "train"} <= set(stale)  # a moved alias is a new init: what follows it is stale
+    assert {"prepare", "train"} <= set(dvc_status(repo))  # a moved alias is a new init: what follows it is stale
     git(repo, "checkout", "--", "models/init.json")
 
     proc = subprocess.run([str(BIN / "fashioncap"), "reproduce", f"models:/{NAME}/2"], cwd=repo, capture_output=True,
@@ -59,3 +83,11 @@ def test_an_adapter_from_the_champion_is_pinned_registered_promoted_and_reproduc
     out = proc.stdout + proc.stderr
     assert f"`models:/{NAME}/1` (then `@champion`)" in out  # version 1 as pinned, not the champion of today (2)
     assert "bit-identical" in out.lower() or "identical" in out.lower(), out[-2000:]
+
+    # the same profile in full, as an experiment: every weight of the champion (version 1 again) trains
+    client.set_registered_model_alias(NAME, promotion.CHAMPION, "1")
+    sh([str(BIN / "dvc"), "exp", "run", *set_args([*ADAPT, "train.method=full"])], repo)
+    full = client.get_model_version(NAME, json.loads((repo / "models/registered.json").read_text())["version"])
+    assert (str(full.version), full.tags["method"], full.tags["init_version"]) == ("3", "full", "1")
+    assert (repo / "models/best/model.safetensors").is_file()
+    assert json.loads((repo / "metrics/eval.json").read_text())["base_test"]["test_digest"] == forgetting["test_digest"]
