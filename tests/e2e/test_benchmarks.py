@@ -34,8 +34,8 @@ def test_smoke_benchmarks_report_every_figure_with_its_baseline_and_ratio(tiny_r
     results = report["results"]
     assert set(report["seconds"]) == set(BENCHMARKS) and report["level"] == "smoke"
     assert {r["benchmark"] for r in results} == {"train throughput", "caption generation", "metrics", "prepare",
-                                                 "input pipeline", "memory", "adapters", "serving", "catalogue",
-                                                 "pipeline overhead"}
+                                                 "input pipeline", "memory", "adapters", "adaptation", "serving",
+                                                 "catalogue", "pipeline overhead"}
     for r in results:
         assert r["ours"] > 0, r
         if r["baseline"] is not None:
