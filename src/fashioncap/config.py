@@ -24,11 +24,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+# The split that prepare stores beside the synthetic new part's: the base part's test split, on which the model
+# that was adapted and the one adapted from are scored again, to measure what adapting forgot
+BASE_TEST = "base_test"
+
+
 class SyntheticData(_Section):
     items: Annotated[int, Field(ge=20)]
     render_size: Annotated[int, Field(ge=32, le=1024)]
     # base: the catalogue the offline profile trains on; new: the next season's designs (synthetic.NEW_DESIGNS),
-    # prepared with the base part's test split beside it (split base_test) to measure forgetting
+    # prepared with the base part's test split beside it (BASE_TEST) to measure forgetting
     part: Literal["base", "new"]
 
 

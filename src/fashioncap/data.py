@@ -21,9 +21,6 @@ from .synthetic import catalogue, draw_product
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-# beside the splits of the synthetic catalogue's new part: the base part's test split, on which the model that
-# was adapted and the one adapted from are scored again, to measure what adapting forgot
-BASE_TEST = "base_test"
 TOKEN_LENGTHS = "caption_tokens.json"  # beside the prepared splits: caption lengths in the model's tokens
 OFFLINE_HINT = "dvc exp run -S profile=offline"
 

@@ -9,8 +9,7 @@ import logging
 from pathlib import Path
 
 from . import faults
-from .config import Params, load_params
-from .data import BASE_TEST
+from .config import BASE_TEST, Params, load_params
 from .attributes import Vocabulary, attribute_scores, confusions
 from .metrics import Meteor, caption_scores, per_item_cider_d
 from .ptb import coco_tokens

@@ -15,9 +15,9 @@ from pathlib import Path
 from PIL import Image
 
 from . import faults
-from .config import DataParams, ModelParams, Params, load_params
-from .data import (BASE_TEST, SPLITS, TOKEN_LENGTHS, DataSourceError, check_source, RawItem, base_test_items,
-                   clean_caption, read_source, split_of)
+from .config import BASE_TEST, DataParams, ModelParams, Params, load_params
+from .data import (SPLITS, TOKEN_LENGTHS, DataSourceError, check_source, RawItem, base_test_items, clean_caption,
+                   read_source, split_of)
 from .imaging import ImageInputError, decode_image, encode_image, to_model_image
 from .modeling import build_processor
 from .runtime import progress, run_stage, stage_args

@@ -12,7 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 from . import adapters, faults, lineage, origin, promotion, tracking
-from .config import Params, load_params
+from .config import BASE_TEST, Params, load_params
 from .runtime import FashioncapError, run_stage, stage_args
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,9 @@ def model_card(params: Params, table: dict, run, init: dict | None = None) -> st
         f"ROUGE-L {b['rouge_l']:.3f} -> {a['rouge_l']:.3f}"
         + (f", METEOR {b['meteor']:.3f} -> {a['meteor']:.3f}" if "meteor" in a else "")
         + " (before -> after fine-tuning).",
-        *([f"Forgetting: CIDEr-D {table['base_test']['before']['cider_d']:.3f} -> "
-           f"{table['base_test']['after']['cider_d']:.3f} on the test split of the catalogue it was adapted from "
-           f"({table['base_test']['items']} items)."] if "base_test" in table else []),
+        *([f"Forgetting: CIDEr-D {table[BASE_TEST]['before']['cider_d']:.3f} -> "
+           f"{table[BASE_TEST]['after']['cider_d']:.3f} on the test split of the catalogue it was adapted from "
+           f"({table[BASE_TEST]['items']} items)."] if BASE_TEST in table else []),
         f"Run {run.info.run_id}, git commit {run.data.tags.get('mlflow.source.git.commit', 'unknown')}.",
         "Input: base64-encoded images (column `image`); output: one caption per image.",
         "Limitations: describes products in the style of its training captions; English only; "
@@ -203,9 +203,9 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
             promotion.REGISTRATION_TAG: registration,
             # the init's score on this version's test set: what promotion compares an adaptation of the champion to
             promotion.CIDER_BEFORE_TAG: str(table["before"]["cider_d"]),
-            **({"base_test_digest": table["base_test"]["test_digest"],
-                "base_test_cider_d": str(table["base_test"]["after"]["cider_d"]),
-                "base_test_cider_d_before": str(table["base_test"]["before"]["cider_d"])} if "base_test" in table else {}),
+            **({f"{BASE_TEST}_digest": table[BASE_TEST]["test_digest"],
+                f"{BASE_TEST}_cider_d": str(table[BASE_TEST]["after"]["cider_d"]),
+                f"{BASE_TEST}_cider_d_before": str(table[BASE_TEST]["before"]["cider_d"])} if BASE_TEST in table else {}),
             **{f"test_{m}": str(table["after"][m]) for m in ("rouge_l", "meteor") if m in table["after"]},
             **{k.replace(".", "_"): v for k, v in origin.Init(init, init["init"]).tags.items()}, **method,
             **{f"test_attr_{kind}_f1": str(s["f1"]) for kind, s in table.get("attributes", {}).get("after", {}).items()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .config import load_params
+from .config import BASE_TEST, load_params
 from .runtime import run_stage, stage_args
 from . import faults, tracking
 
@@ -148,8 +148,8 @@ def render(title: str, evaluation: dict, training: dict, predictions: list[dict]
              f"{counts['worse']}</span> and unchanged on {counts['same']}.</p>", _scores_table(rows)]
     if evaluation.get("attributes"):
         parts.append(_attributes_section(evaluation["attributes"]))
-    if "base_test" in evaluation:  # adapted from a model trained on another catalogue: what it forgot of that one
-        base = evaluation["base_test"]
+    if BASE_TEST in evaluation:  # adapted from a model trained on another catalogue: what it forgot of that one
+        base = evaluation[BASE_TEST]
         parts.append(f"<h2>Forgetting: the base catalogue's test split</h2><p>{base['items']} test images of the "
                      "catalogue the initial model was trained on, captioned by it (before) and by the adapted model "
                      f"(after): CIDEr-D {base['before']['cider_d']:.3f} &rarr; {base['after']['cider_d']:.3f}.</p>")

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from . import fingerprint, lineage
-from .config import Params, flatten
+from .config import BASE_TEST, Params, flatten
 from .runtime import project_root
 
 log = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ def mlflow_metrics(table: dict) -> dict[str, float]:
         for when in ("before", "after"):
             for name in ("cider_d", "bleu_4"):
                 out[f"category/{category}/test_{when}_{name}"] = scores[when][name]
-    base = table.get("base_test", {})  # the base catalogue's test split, after adapting: base_test_<when>_<metric>
+    base = table.get(BASE_TEST, {})  # the base catalogue's test split, after adapting: base_test_<when>_<metric>
     for when in ("before", "after", "forgot"):
         out.update({f"base_test_{when}_{name}": value for name, value in base.get(when, {}).items()})
     for when, suffix in (("after", ""), ("before", "_before")):

@@ -174,7 +174,7 @@ def test_the_recorder_sees_reads_through_sections_and_properties(tiny_raw, monke
         params.numerics.model_dump()  # every field at once: what register's serving config once did
         params.data.synthetic.model_dump_json()
     assert seen == {"numerics.cpu_kernels", "numerics.threads", "numerics.deterministic",
-                    "data.synthetic.items", "data.synthetic.render_size"}
+                    "data.synthetic.items", "data.synthetic.render_size", "data.synthetic.part"}
 
 
 def attribute_names(stage: str) -> set[str]:
