@@ -92,8 +92,10 @@ def resolve(init: str, client=None) -> dict:
     try:
         mv = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     except MlflowException as error:
+        hint = "; `fashioncap promote` points @champion at the candidate" if alias == "champion" else ""
         raise InitError(f"model.init '{init}': no such version in the registry at {registry_uri()} "
-                        f"({str(error).splitlines()[0][:200]}). The MLflow UI's Models page lists its versions") from None
+                        f"({str(error).splitlines()[0][:200]}). The MLflow UI's Models page lists its versions"
+                        + hint) from None
     return {"init": init, "kind": kind, "name": name, "version": str(mv.version), "alias": alias,
             "run_id": mv.run_id, "model_digest": (mv.tags or {}).get("model_digest"),
             "method": (mv.tags or {}).get("method", "full"), "uri": f"models:/{name}/{mv.version}"}

@@ -76,6 +76,8 @@ def test_a_stage_uses_the_pinned_version_after_the_alias_moved_and_refetches_cha
 def test_a_missing_version_or_a_malformed_uri_is_named(registry_env, tmp_path, tiny_raw):
     with pytest.raises(origin.InitError, match=r"model.init 'models:/fashion-captioner/7': no such version"):
         run_stage(tmp_path, tiny_raw, f"models:/{NAME}/7")
+    with pytest.raises(origin.InitError, match="no such version.*`fashioncap promote` points @champion"):
+        run_stage(tmp_path, tiny_raw, f"models:/{NAME}@champion")  # the adaptation profile before any promote
     with pytest.raises(origin.InitError, match="write models:/NAME/VERSION or models:/NAME@ALIAS"):
         origin.kind_of("models:/fashion-captioner/latest/extra")
     assert [origin.kind_of(i) for i in ("scratch", "Salesforce/blip-image-captioning-base", str(tmp_path))] == [
