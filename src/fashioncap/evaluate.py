@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     preds.write_text("".join(json.dumps(p) + "\n" for p in predictions))
     faults.point("evaluate.written")
     logged = tracking.mlflow_metrics(table)
-    run_id = tracking.stage_run(params, tracking.read_run_ref(args.run_ref), "evaluate",
-                                inherit_metric=lambda key: key not in logged and not key.startswith(("test_", "base_test")))
+    run_id = tracking.stage_run(params, tracking.read_run_ref(args.run_ref), "evaluate", inherit_metric=lambda key:
+                                key not in logged and not key.startswith(("test_", BASE_TEST)))
     with tracking.resume_run(run_id):
         import mlflow
 

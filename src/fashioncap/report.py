@@ -126,8 +126,8 @@ def _attributes_section(attributes: dict, heading: str = "h2") -> str:
     confused = "".join(f"<li>{html.escape(c['type'])}: reference <b>{html.escape(c['reference'])}</b> → caption "
                        f"<b>{html.escape(c['caption'])}</b> ({c['count']}×)</li>"
                        for c in attributes.get("confusions_after", []))
-    return (f"<{heading}>Attributes</{heading}><p>Colours, patterns, materials, garment types and details stated by the captions "
-            "against those of the references (conf/attributes.yaml).</p>"
+    return (f"<{heading}>Attributes</{heading}><p>Colours, patterns, materials, garment types and details stated by "
+            "the captions against those of the references (conf/attributes.yaml).</p>"
             f"<table>{head}{''.join(rows)}</table>"
             + (f"<h3>Most frequent confusions after fine-tuning</h3><ul>{confused}</ul>" if confused else ""))
 

@@ -290,7 +290,7 @@ def mlflow_metrics(table: dict) -> dict[str, float]:
     base = table.get(BASE_TEST, {})  # the base catalogue's test split, after adapting: base_test_<when>_<metric>
     for when in ("before", "after", "forgot"):
         out.update({f"base_test_{when}_{name}": value for name, value in base.get(when, {}).items()})
-    for when, suffix in (("after", ""), ("before", "_before")):
-        for kind, s in base.get("attributes", {}).get(when, {}).items():
-            out.update({f"base_test/attr/{kind}/{m}{suffix}": s[m] for m in ("f1",) if s[m] is not None})
+    for when, suffix in (("after", ""), ("before", "_before")):  # base_test/attr/<type>/f1
+        out.update({f"base_test/attr/{kind}/f1{suffix}": s["f1"] for kind, s in
+                    base.get("attributes", {}).get(when, {}).items() if s["f1"] is not None})
     return out
