@@ -105,7 +105,8 @@ def base_clone(tmp: Path, level: str, given: Path | None) -> tuple[Path, list[st
     _sh(["fashioncap", "promote"], clone)
     if tiny:
         return clone, ["profile=offline-adapt", *[o for o in TINY_OVERRIDES if not o.startswith("profile=")]]
-    return clone, ["profile=offline-adapt"] + (["train.max_steps=100", "train.eval_every=50"] if level == "quick" else [])
+    quick = ["train.max_steps=100", "train.eval_every=50"] if level == "quick" else []
+    return clone, ["profile=offline-adapt", *quick]
 
 
 def f1(table: dict, kind: str, when: str) -> float:

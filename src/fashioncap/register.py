@@ -205,7 +205,8 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
             promotion.CIDER_BEFORE_TAG: str(table["before"]["cider_d"]),
             **({f"{BASE_TEST}_digest": table[BASE_TEST]["test_digest"],
                 f"{BASE_TEST}_cider_d": str(table[BASE_TEST]["after"]["cider_d"]),
-                f"{BASE_TEST}_cider_d_before": str(table[BASE_TEST]["before"]["cider_d"])} if BASE_TEST in table else {}),
+                f"{BASE_TEST}_cider_d_before": str(table[BASE_TEST]["before"]["cider_d"])}
+               if BASE_TEST in table else {}),
             **{f"test_{m}": str(table["after"][m]) for m in ("rouge_l", "meteor") if m in table["after"]},
             **{k.replace(".", "_"): v for k, v in origin.Init(init, init["init"]).tags.items()}, **method,
             **{f"test_attr_{kind}_f1": str(s["f1"]) for kind, s in table.get("attributes", {}).get("after", {}).items()

@@ -42,13 +42,15 @@ def test_the_adaptation_profile_adapts_the_champion_in_both_methods_and_the_adap
 
     record = json.loads((repo / "models/init.json").read_text())
     assert (record["uri"], record["alias"]) == (f"models:/{NAME}/1", "champion")
-    assert not (repo / "models/best/model.safetensors").exists() and (repo / "models/best/adapter_config.json").is_file()
+    best = repo / "models/best"
+    assert not (best / "model.safetensors").exists() and (best / "adapter_config.json").is_file()
     evaluation = json.loads((repo / "metrics/eval.json").read_text())
     forgetting = evaluation["base_test"]
     # the forgetting set is the champion's own test split, and `before` on it is the champion's own test score
     assert forgetting["test_digest"] == champion.tags[promotion.DIGEST_TAG]
     assert forgetting["before"]["cider_d"] == pytest.approx(float(champion.tags[promotion.CIDER_TAG]), abs=1e-9)
-    assert forgetting["forgot"]["cider_d"] == pytest.approx(forgetting["before"]["cider_d"] - forgetting["after"]["cider_d"])
+    before, after = forgetting["before"]["cider_d"], forgetting["after"]["cider_d"]
+    assert forgetting["forgot"]["cider_d"] == pytest.approx(before - after)
     assert evaluation["test_digest"] != forgetting["test_digest"]  # the new products are another test set
     assert "Forgetting: the base catalogue" in (repo / "reports/report.html").read_text()
     registered = json.loads((repo / "models/registered.json").read_text())
@@ -69,7 +71,9 @@ def test_the_adaptation_profile_adapts_the_champion_in_both_methods_and_the_adap
     promote = subprocess.run([str(BIN / "fashioncap"), "promote"], cwd=repo, capture_output=True, text=True,
                              env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"})
     assert (promote.returncode == 0) == gained, promote.stdout + promote.stderr
-    assert ("version 1 -> version 2" in promote.stdout) if gained else ("which it was fine-tuned from" in promote.stderr)
+    expected, said = ("version 1 -> version 2", promote.stdout) if gained else ("which it was fine-tuned from",
+                                                                                promote.stderr)
+    assert expected in said
 
     client.set_registered_model_alias(NAME, promotion.CHAMPION, "2")  # the adapter is the champion now
     sh([str(BIN / "dvc"), "repro", "--single-item", "init"], repo)
