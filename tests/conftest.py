@@ -359,21 +359,75 @@ def set_args(overrides: list[str]) -> list[str]:
     return [arg for o in overrides for arg in ("-S", o)]
 
 
-def clone_project(dest: Path) -> Path:
-    """A fresh git repository holding the project's files, as a user's clone would, with its DVC remote
-    in a folder of the test's own."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for name in files:
-        src = REPO / name
-        if src.is_file() and not name.startswith(("data/prepared", "models/", "metrics/", "reports/")):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
+# What a pipeline run leaves in a checkout (the README's first command: `dvc exp run` applies its params to
+# params.yaml and stages it with dvc.lock; the stages write models/, metrics/, reports/, the prepared data and
+# checkpoints; MLflow its store). A test's project never takes them from the work tree: the tests take the code
+# as it stands, never a run's state. tests/unit/test_checkout.py holds every dvc.yaml output to this list.
+RUN_STATE = ("params.yaml", "dvc.lock", "models/", "metrics/", "reports/", "data/prepared/", "checkpoints/",
+             "mlflow.db", "mlruns/", "mlartifacts/", ".dvc/tmp/", ".dvc/cache/")
+
+
+def is_run_state(name: str) -> bool:
+    return name.startswith(RUN_STATE) or f"{name}/" in RUN_STATE
+
+
+def default_params() -> dict:
+    """The project's default params: conf/ composed with the default profile, as the committed params.yaml
+    must be (tests/unit/test_config.py), whatever an experiment applied to the checkout's params.yaml."""
+    return compose([])
+
+
+def copy_project(source: Path, dest: Path) -> Path:
+    """The project's files of the checkout `source` into `dest`: every file git tracks or would track, as the
+    work tree has it (a developer's uncommitted change is tested), except a run's state (RUN_STATE). Of that,
+    params.yaml is the composed default, and other tracked files are taken as committed (DVC stages what it
+    writes, so neither work tree nor index will do); untracked ones are left out."""
+    dest.mkdir(parents=True, exist_ok=True)
+    listed = lambda *args: subprocess.run(["git", "ls-files", "-z", *args], cwd=source, capture_output=True,  # noqa: E731
+                                          check=True).stdout.decode().split("\0")
+    committed = set(filter(None, subprocess.run(["git", "ls-tree", "-r", "-z", "--name-only", "HEAD"], cwd=source,
+                                                capture_output=True, check=True).stdout.decode().split("\0")))
+    for name in filter(None, listed("--cached", "--others", "--exclude-standard")):
+        target = dest / name
+        if name == "params.yaml":
+            target.write_text(yaml.safe_dump(default_params(), sort_keys=False))
+        elif is_run_state(name):
+            if name in committed:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(subprocess.run(["git", "show", f"HEAD:{name}"], cwd=source, capture_output=True,
+                                                  check=True).stdout)
+        elif (source / name).is_file():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / name, target)
+    return dest
+
+
+def clone_project(dest: Path, source: Path = REPO) -> Path:
+    """A fresh git repository holding the project's files (copy_project), as a user's clone would, with its DVC
+    remote in a folder of the test's own."""
+    copy_project(source, dest)
     for args in (["git", "init", "-q", "-b", "main"], ["git", "add", "-A"],
                  ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
         sh(args, dest)
     sh([str(BIN / "dvc"), "remote", "modify", "--local", "local", "url", str(dest.parent / "dvc-remote")], dest)
     return dest
+
+
+def as_the_offline_run_leaves_it(checkout: Path, run: Path) -> Path:
+    """`checkout` changed as the README's first command leaves a user's: params.yaml applied with the offline
+    profile and staged, and the state of the pipeline run in `run` (dvc.lock staged, models, metrics, reports,
+    prepared data, the MLflow store) laid over it."""
+    (checkout / "params.yaml").write_text(yaml.safe_dump(compose(["profile=offline"]), sort_keys=False))
+    for name in RUN_STATE:
+        source, target = run / name, checkout / name
+        if name == "params.yaml" or not source.exists():
+            continue
+        if source.is_dir():
+            shutil.copytree(source, target, symlinks=True, dirs_exist_ok=True)
+        else:
+            shutil.copy2(source, target)
+    subprocess.run(["git", "add", "params.yaml", "dvc.lock"], cwd=checkout, check=True, capture_output=True)
+    return checkout
 
 
 # Credentials a user may have in the environment; none may reach MLflow (tests/e2e/test_pipeline.py).

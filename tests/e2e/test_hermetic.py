@@ -1,6 +1,7 @@
-"""The suite never touches the user's world: run with a shell that names a team's MLflow store, an S3 remote,
-a Hugging Face cache and credentials (as the README's team setup has members export them), the whole e2e
-pipeline module passes and every one of those places stays exactly as it was."""
+"""The suite never touches the user's world, nor depends on it: run with a shell that names a team's MLflow store,
+an S3 remote, a Hugging Face cache and credentials (as the README's team setup has members export them), from a
+checkout as the README's first command leaves it, the whole e2e pipeline module passes and every one of those
+places stays exactly as it was."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_REPO_ENV
+from tests.conftest import REPO, TINY_REPO_ENV, as_the_offline_run_leaves_it, clone_project
 
 pytestmark = pytest.mark.slow
 
@@ -61,15 +62,17 @@ def users_world(root: Path) -> dict[str, str]:
 def test_the_pipeline_module_passes_in_the_users_world_and_leaves_it_untouched(tmp_path, tiny_repo):
     """The inner session copies this session's tiny project (built by the same `dvc repro` with the same
     credentials in its environment) instead of building it again; its own experiments, queued, in a
-    temporary workspace and under `accelerate launch`, all run in the user's world."""
+    temporary workspace and under `accelerate launch`, all run in the user's world. The module runs from a copy
+    of this checkout that has been through `dvc exp run -S profile=offline` (tiny_repo's state standing in)."""
     world = tmp_path / "world"
     world.mkdir()
+    used = as_the_offline_run_leaves_it(clone_project(tmp_path / "checkout"), tiny_repo)
     env = {**os.environ, **users_world(world), TINY_REPO_ENV: str(tiny_repo)}
     before = snapshot(world)
     report = tmp_path / "pipeline.xml"
     proc = subprocess.run([sys.executable, "-m", "pytest", PIPELINE_MODULE, "-p", "no:cacheprovider", "-q", "-n", "0",
                            f"--basetemp={tmp_path / 'basetemp'}", f"--junitxml={report}"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
+                          cwd=used, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     suite = ET.parse(report).getroot().find("testsuite")
     declared = len(re.findall(r"^def test_", (REPO / PIPELINE_MODULE).read_text(), re.MULTILINE))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import BIN, REPO, clone_project, free_port
+from tests.conftest import BIN, REPO, clone_project, default_params, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -124,10 +124,11 @@ def test_a_maximum_size_request_to_the_served_model_answers_200(rehearsal):
     assert serving["first_caption"] and serving["request_seconds"] < serving["timeout_seconds"]
 
 
-def test_without_the_stand_ins_in_the_cache_the_hub_dataset_is_a_clear_error(tmp_path):
+def test_without_the_stand_ins_in_the_cache_the_hub_dataset_is_a_clear_error(tmp_path, write_params):
+    write_params(default_params())  # the default profile's Hub source, whatever a run left in the checkout
     code = ("from fashioncap.config import load_params; from fashioncap.data import read_source; "
             "list(read_source(load_params('params.yaml').data, 0))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120, env={**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1",
                                                       "HF_DATASETS_CACHE": str(tmp_path / "datasets")})
     assert proc.returncode != 0 and "DataSourceError" in proc.stderr

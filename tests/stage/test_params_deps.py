@@ -14,7 +14,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, default_params
 from tests.unit.test_dvc_yaml import PACKAGE, imported_modules
 
 pytestmark = pytest.mark.slow  # trains, evaluates and registers the tiny model
@@ -191,7 +191,7 @@ def attribute_names(stage: str) -> set[str]:
 def test_params_deps_are_leaf_keys_that_the_stages_code_can_read(stage):
     from fashioncap.config import flatten, parse_params
 
-    leaves = set(flatten(parse_params(yaml.safe_load((REPO / "params.yaml").read_text()))))
+    leaves = set(flatten(parse_params(default_params())))
     keys = declared(stage)
     assert keys <= leaves, f"stage {stage}: not leaf keys of params.yaml: {sorted(keys - leaves)}"
     names = attribute_names(stage)

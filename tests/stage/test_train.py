@@ -101,15 +101,16 @@ def test_memory_options_freeze_the_vision_encoder_and_checkpoint_activations(tin
 
 
 @pytest.mark.slow
-def test_default_profile_without_a_gpu_stops_in_seconds_naming_the_way_out(tmp_path):
+def test_default_profile_without_a_gpu_stops_in_seconds_naming_the_way_out(tmp_path, write_params):
     """The committed default params on a CPU-only machine: no download, no model load, a clear exit 2."""
     import subprocess
     import time
 
-    from tests.conftest import REPO
+    from tests.conftest import default_params
 
+    params = write_params(default_params())
     started = time.monotonic()
-    proc = subprocess.run(train_command(tmp_path, REPO / "params.yaml", tmp_path / "not-prepared"),
+    proc = subprocess.run(train_command(tmp_path, params, tmp_path / "not-prepared"),
                           capture_output=True, text=True, cwd=tmp_path, timeout=120,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert proc.returncode == 2, proc.stderr[-2000:]
