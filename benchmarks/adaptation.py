@@ -2,7 +2,9 @@
 with full fine-tuning, LoRA and a frozen vision encoder, on the same data and the same steps, side by side: test
 CIDEr-D and attribute F1 on the new products before and after, forgetting on the champion's own test split, the
 training's time and its process's peak memory, and disk per experiment (the best model in the DVC cache and as
-the MLflow artifact, and the largest checkpoint the run held)."""
+the MLflow artifact, and the largest checkpoint the run held). Then replay: full fine-tuning and LoRA with 0, 0.1,
+0.25 (the default, `auto`) and 0.5 of the new training set drawn from the champion's own training data, each
+beside the same method without replay (the new products) and beside the champion (its test split)."""
 
 from __future__ import annotations
 
@@ -26,6 +28,19 @@ METHODS = {
     "LoRA r=8": ["train.method=lora", "train.lr=0.01"],
     "frozen vision encoder": ["train.method=full", "train.freeze_vision=true"],
 }
+
+
+# data.replay's sweep; the methods' own rows above run at the default (auto: AUTO_REPLAY for a registry init)
+REPLAY_SWEEP = (0.0, 0.1, 0.5)
+REPLAY_METHODS = ("full fine-tuning", "LoRA r=8")
+
+
+def plan(level: str) -> dict[str, list[str]]:
+    """Each experiment's label and overrides: the smoke level adapts with LoRA alone (at the default replay)."""
+    if level == "smoke":
+        return {"LoRA r=8": METHODS["LoRA r=8"]}
+    sweep = {f"{m}, replay {r}": [*METHODS[m], f"data.replay={r}"] for m in REPLAY_METHODS for r in REPLAY_SWEEP}
+    return {**METHODS, **sweep}
 
 
 def _env() -> dict:
@@ -82,6 +97,7 @@ def experiment(clone: Path, overrides: list[str]) -> dict:
         _sh(["dvc", "exp", "run", *[a for o in overrides for a in ("-S", o)]], clone)
     best = _bytes(clone / "models" / "best")
     return {"eval": json.loads((clone / "metrics/eval.json").read_text()),
+            "prepared": json.loads((clone / "metrics/prepare.json").read_text()),
             "train": json.loads((clone / "metrics/train.json").read_text()),
             "registered": json.loads((clone / "models/registered.json").read_text()),
             "seconds": time.perf_counter() - started, "peak_mib": watch.peak_rss / 2**20,
@@ -116,15 +132,16 @@ def f1(table: dict, kind: str, when: str) -> float:
 def run(level: str, clone: Path | None = None) -> list[Result]:
     """Every method adapted from the same champion; the smoke level adapts a tiny clone's (`clone`) with LoRA
     alone (its code paths; the suite's e2e test adapts in full too), so its rows have no baseline."""
-    methods = {k: v for k, v in METHODS.items() if "LoRA" in k} if level == "smoke" else METHODS
     with tempfile.TemporaryDirectory() as tmp:
         repo, adapt = base_clone(Path(tmp), level, clone)
-        runs = {label: experiment(repo, [*adapt, *overrides]) for label, overrides in methods.items()}
+        runs = {label: experiment(repo, [*adapt, *overrides]) for label, overrides in plan(level).items()}
         shutil.rmtree(repo, ignore_errors=True)
     full = runs.get("full fine-tuning")
     name = "tiny BLIP" if level == "smoke" else "offline BLIP"
-    results = []
+    results = replay_results(runs, name) if level != "smoke" else []
     for label, m in runs.items():
+        if ", replay " in label:
+            continue
         e, base, t = m["eval"], m["eval"]["base_test"], m["train"]
         same = f"{name}, {label}"
         baseline = None if m is full else full  # full fine-tuning's run: beside every other method's figures
@@ -157,4 +174,34 @@ def run(level: str, clone: Path | None = None) -> list[Result]:
             "adaptation", f"{same}: experiment on disk", "MB (DVC cache + MLflow + checkpoint)", m["disk"] / 1e6,
             vs(lambda r: r["disk"] / 1e6), "full fine-tuning", higher_is_better=False,
             note=f"{m['disk'] / baseline['disk']:.1%} of full fine-tuning's" if baseline else ""))
+    return results
+
+
+def replay_results(runs: dict[str, dict], name: str) -> list[Result]:
+    """Per method and replay share: the new products beside the same method without replay (target 90%), and the
+    champion's test split beside the champion itself (target 95% of its CIDEr-D and garment F1)."""
+    results = []
+    for method in REPLAY_METHODS:
+        shares = {0.25: runs[method], **{r: runs[f"{method}, replay {r}"] for r in REPLAY_SWEEP}}
+        none = shares[0.0]
+        for share in sorted(shares):
+            m = shares[share]
+            e, base, t = m["eval"], m["eval"]["base_test"], m["train"]
+            same = f"{name}, {method}, replay {share}"
+            results.append(Result(
+                "adaptation", f"{same}: new products, test CIDEr-D", "CIDEr-D", e["after"]["cider_d"],
+                None if share == 0 else none["eval"]["after"]["cider_d"], "no replay", target=None if share == 0
+                else 0.9, note=f"garment F1 {f1(e, 'garment', 'after'):.3f}, colour {f1(e, 'colour', 'after'):.3f}"))
+            results.append(Result(
+                "adaptation", f"{same}: the champion's test split, CIDEr-D", "CIDEr-D", base["after"]["cider_d"],
+                base["before"]["cider_d"], "the champion", target=0.95,
+                note=f"colour F1 {f1(base, 'colour', 'after'):.3f} (champion {f1(base, 'colour', 'before'):.3f})"))
+            results.append(Result(
+                "adaptation", f"{same}: the champion's test split, garment F1", "F1", f1(base, "garment", "after"),
+                f1(base, "garment", "before"), "the champion", target=0.95))
+            results.append(Result(
+                "adaptation", f"{same}: training", "s", t["train_seconds"],
+                None if share == 0 else none["train"]["train_seconds"], "no replay", higher_is_better=False,
+                note=f"{t['steps']} steps (best {t['best_step']}); replayed items: "
+                     f"{m['prepared'].get('replay', {}).get('items', 0)}"))
     return results

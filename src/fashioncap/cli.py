@@ -42,7 +42,7 @@ def _client():
 
 
 def cmd_promote(args) -> int:
-    for line in promotion.promote(_client(), model_name(args.name), args.version, args.force):
+    for line in promotion.promote(_client(), model_name(args.name), args.version, args.force).lines():
         print(line)
     return 0
 

@@ -37,6 +37,11 @@ class SyntheticData(_Section):
     part: Literal["base", "new"]
 
 
+# data.replay `auto` for an init from the registry: the share of the new training set drawn from the init's own
+# training data (replay.py); measured with the adaptation profile (docs/adapters.md)
+AUTO_REPLAY = 0.25
+
+
 class DataParams(_Section):
     source: Literal["hub", "imagefolder", "synthetic"]
     hub_id: str | None
@@ -57,6 +62,9 @@ class DataParams(_Section):
     max_rejected_fraction: Annotated[float, Field(ge=0.0, le=1.0)]
     num_workers: NonNegInt
     synthetic: SyntheticData
+    # a fraction of the new training set drawn from model.init's own training data (an init from the registry);
+    # auto: AUTO_REPLAY for an init from the registry, 0 otherwise
+    replay: Annotated[float, Field(ge=0.0, le=1.0)] | Literal["auto"]
 
     @model_validator(mode="after")
     def _source_fields(self) -> "DataParams":
@@ -200,6 +208,18 @@ class TrackingParams(_Section):
     experiment: str
 
 
+# what a gate compares: a caption score (metrics.caption_scores) or an attribute type's F1 (conf/attributes.yaml)
+GateMetric = Annotated[str, Field(pattern=r"^(cider_d|bleu_[1-4]|rouge_l|meteor|[a-z]+_f1)$")]
+
+
+class GateParams(_Section):
+    # the candidate's own test split, or the champion's (the products it describes today)
+    test_set: Literal["candidate", "champion"]
+    metric: GateMetric
+    # null: must beat the champion's score there; a fraction: may fall at most that much below it (relative)
+    max_drop: Annotated[float, Field(ge=0.0, lt=1.0)] | None
+
+
 class RegistryParams(_Section):
     name: Annotated[str, Field(min_length=1)]
     max_images: Annotated[int, Field(ge=1, le=1024)]
@@ -208,6 +228,7 @@ class RegistryParams(_Section):
     request_timeout: Annotated[int, Field(ge=1, le=86_400)]  # seconds the scoring server gives a request
     batch_images: Annotated[int, Field(ge=1, le=1024)]  # concurrent requests' images captioned in one generate()
     batch_wait_ms: Annotated[float, Field(ge=0, le=10_000)]  # how long a request waits for others to join it
+    gates: Annotated[list[GateParams], Field(min_length=1)]  # what `fashioncap promote` requires (gates.py)
 
 
 class Params(_Section):
@@ -228,6 +249,20 @@ class Params(_Section):
         if self.train.method == "lora" and self.model.from_scratch:
             raise ValueError("train.method lora adapts a pretrained model: model.init 'scratch' has nothing to adapt "
                              "(set model.init to a registry version, a Hub id or a saved model)")
+        return self
+
+    @model_validator(mode="after")
+    def _replay_has_a_source(self) -> "Params":
+        if self.data.replay != "auto" and self.data.replay > 0 and not self.model.init.startswith("models:/"):
+            raise ValueError(f"data.replay {self.data.replay} replays the training data of model.init's registry "
+                             f"version, and model.init '{self.model.init}' is none: set data.replay to 0 (or auto)")
+        return self
+
+    @model_validator(mode="after")
+    def _gates_are_scored(self) -> "Params":
+        if not self.evaluate.meteor and any(g.metric == "meteor" for g in self.registry.gates):
+            raise ValueError("registry.gates compares meteor, which evaluate.meteor false leaves out: set it true "
+                             "or gate on another metric")
         return self
 
     @model_validator(mode="after")

@@ -20,8 +20,8 @@ from .data import (SPLITS, TOKEN_LENGTHS, DataSourceError, check_source, RawItem
                    read_source, split_of)
 from .imaging import ImageInputError, decode_image, encode_image, to_model_image
 from .modeling import build_processor
-from .runtime import progress, run_stage, stage_args
-from . import disk, origin
+from .runtime import progress, project_root, run_stage, stage_args
+from . import disk, origin, replay
 
 log = logging.getLogger(__name__)
 REJECTED_REPORT = "rejected.jsonl"  # one line per left-out item: key, source, reason, kind
@@ -115,6 +115,20 @@ def build_splits(params: Params) -> tuple[dict[str, list[dict]], list[dict]]:
     return rows, rejected
 
 
+def add_replay(params: Params, init: dict, rows: dict[str, list[dict]], repo: Path) -> dict | None:
+    """Mixes data.replay of the new training set's size, drawn from the init version's own training data, into
+    the training split (replay.py); returns the record of what was replayed, or None."""
+    share = replay.fraction(params.data, init)
+    if share == 0:
+        return None
+    count = round(share * len(rows["train"]))
+    taken = {r["key"] for split in rows.values() for r in split}
+    items, record = replay.replay_items(init, count, params.seed, repo, taken, origin.registry_client())
+    kept = [_stored(row) for row in prepare_items(items, params.data, params.model.image_size) if "kind" not in row]
+    rows["train"].extend(kept)
+    return {"fraction": share, **record, "items": len(kept)}
+
+
 def _stored(row: dict) -> dict:
     return {"key": row["key"], "image": {"bytes": row["bytes"], "path": None}, "caption": row["caption"],
             "category": row["category"]}
@@ -169,9 +183,10 @@ def token_lengths(model: ModelParams, rows: dict[str, list[dict]], processor=Non
             "counts": {str(k): counts[k] for k in sorted(counts)}}
 
 
-def save(rows: dict[str, list[dict]], rejected: list[dict], out: Path, lengths: dict) -> None:
-    """Writes the splits as a DatasetDict with embedded image bytes, the rejection report and the caption
-    token lengths beside them."""
+def save(rows: dict[str, list[dict]], rejected: list[dict], out: Path, lengths: dict,
+         replayed: dict | None = None) -> None:
+    """Writes the splits as a DatasetDict with embedded image bytes, the rejection report, the caption token
+    lengths and what was replayed (replay.RECORD) beside them."""
     import datasets
 
     stored = sum(len(r["image"]["bytes"]) + len(r["caption"]) for split in rows.values() for r in split)
@@ -191,6 +206,8 @@ def save(rows: dict[str, list[dict]], rejected: list[dict], out: Path, lengths: 
     dd.save_to_disk(str(out))
     (out / REJECTED_REPORT).write_text("".join(json.dumps(r) + "\n" for r in rejected))
     (out / TOKEN_LENGTHS).write_text(json.dumps(lengths, indent=2) + "\n")
+    if replayed:
+        (out / replay.RECORD).write_text(json.dumps(replayed, indent=2) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -206,10 +223,13 @@ def main(argv: list[str] | None = None) -> None:
     if empty:
         raise DataSourceError(f"split(s) {empty} are empty: the source holds too few items for the split "
                               "fractions (data.val_fraction, data.test_fraction)")
+    replayed = add_replay(params, init.record, rows, project_root())
     lengths = token_lengths(params.model, rows, processor, init)
-    save(rows, rejected, args.out, lengths)
+    save(rows, rejected, args.out, lengths, replayed)
     faults.point("prepare.saved")
     summary = summarise(rows, rejected)
+    if replayed:
+        summary["replay"] = {k: v for k, v in replayed.items() if k != "keys"}
     summary["caption_tokens"] = {k: v for k, v in lengths.items() if k != "counts"}
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(summary, indent=2) + "\n")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import adapters, faults, lineage, origin, promotion, tracking
 from .config import BASE_TEST, Params, load_params
+from .gates import Gate
 from .runtime import FashioncapError, run_stage, stage_args
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def input_example(data_dir: Path):
     return pd.DataFrame({"image": [base64.b64encode(row["image"]["bytes"]).decode()]})
 
 
-def model_card(params: Params, table: dict, run, init: dict | None = None) -> str:
+def model_card(params: Params, table: dict, run, init: dict | None = None, replayed: dict | None = None) -> str:
     """A short model card for the version description."""
     b, a = table["before"], table["after"]
     init = init or origin.record_of(params.model.init)
@@ -87,7 +88,9 @@ def model_card(params: Params, table: dict, run, init: dict | None = None) -> st
     return "\n".join([
         f"{what} ({params.profile} profile).",
         f"Data: {source[params.data.source]}; test split of {table['test_items']} items, "
-        f"{table['novel_items']} with captions unseen in training.",
+        f"{table['novel_items']} with captions unseen in training."
+        + (f" Replay: {replayed['items']} items of {replayed['source']}'s own training data mixed in, "
+           f"{float(replayed['fraction']):.0%} of the new training set." if replayed else ""),
         f"Test CIDEr-D {b['cider_d']:.3f} -> {a['cider_d']:.3f}, BLEU-4 {b['bleu_4']:.3f} -> {a['bleu_4']:.3f}, "
         f"ROUGE-L {b['rouge_l']:.3f} -> {a['rouge_l']:.3f}"
         + (f", METEOR {b['meteor']:.3f} -> {a['meteor']:.3f}" if "meteor" in a else "")
@@ -95,6 +98,8 @@ def model_card(params: Params, table: dict, run, init: dict | None = None) -> st
         *([f"Forgetting: CIDEr-D {table[BASE_TEST]['before']['cider_d']:.3f} -> "
            f"{table[BASE_TEST]['after']['cider_d']:.3f} on the test split of the catalogue it was adapted from "
            f"({table[BASE_TEST]['items']} items)."] if BASE_TEST in table else []),
+        "Promotion gates (`fashioncap promote`): " + "; ".join(Gate.of(g).describe() for g in params.registry.gates)
+        + ".",
         f"Run {run.info.run_id}, git commit {run.data.tags.get('mlflow.source.git.commit', 'unknown')}.",
         "Input: base64-encoded images (column `image`); output: one caption per image.",
         "Limitations: describes products in the style of its training captions; English only; "
@@ -196,24 +201,18 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
                 artifacts={"blip": str(model_dir), "serving_config": str(config)},
                 signature=signature(params), input_example=input_example(data_dir),
                 pip_requirements=pip_requirements())
-    tags = {promotion.CIDER_TAG: str(table["after"]["cider_d"]), promotion.BLEU_TAG: str(table["after"]["bleu_4"]),
-            promotion.DIGEST_TAG: table["test_digest"], promotion.RUN_TAG: run_id, promotion.PROFILE_TAG: params.profile,
+    replayed = {k.removeprefix("replay."): v for k, v in run.data.tags.items() if k.startswith("replay.")}
+    tags = {promotion.DIGEST_TAG: table["test_digest"], promotion.RUN_TAG: run_id, promotion.PROFILE_TAG: params.profile,
             "model_digest": run.data.tags.get("model.digest", "unknown"),
             promotion.COMMIT_TAG: run.data.tags.get("mlflow.source.git.commit", "unknown"),
-            promotion.REGISTRATION_TAG: registration,
-            # the init's score on this version's test set: what promotion compares an adaptation of the champion to
-            promotion.CIDER_BEFORE_TAG: str(table["before"]["cider_d"]),
-            **({f"{BASE_TEST}_digest": table[BASE_TEST]["test_digest"],
-                f"{BASE_TEST}_cider_d": str(table[BASE_TEST]["after"]["cider_d"]),
-                f"{BASE_TEST}_cider_d_before": str(table[BASE_TEST]["before"]["cider_d"])}
-               if BASE_TEST in table else {}),
-            **{f"test_{m}": str(table["after"][m]) for m in ("rouge_l", "meteor") if m in table["after"]},
-            **{k.replace(".", "_"): v for k, v in origin.Init(init, init["init"]).tags.items()}, **method,
-            **{f"test_attr_{kind}_f1": str(s["f1"]) for kind, s in table.get("attributes", {}).get("after", {}).items()
-               if s["f1"] is not None}}
+            promotion.REGISTRATION_TAG: registration, **promotion.score_tags(table),
+            promotion.GATES_TAG: json.dumps([g.model_dump() for g in params.registry.gates]),
+            **{f"replay_{k}": v for k, v in replayed.items()},  # the init's training items mixed in (train's tags)
+            **{k.replace(".", "_"): v for k, v in origin.Init(init, init["init"]).tags.items()}, **method}
     faults.point("register.logged")
     version = mlflow.register_model(info.model_uri, params.registry.name, tags=tags)
-    client.update_model_version(params.registry.name, version.version, description=model_card(params, table, run, init))
+    client.update_model_version(params.registry.name, version.version,
+                                description=model_card(params, table, run, init, replayed))
     faults.point("register.registered")
     return version
 

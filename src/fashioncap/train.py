@@ -20,7 +20,7 @@ from .fingerprint import mixed_precision
 from .modeling import (IGNORE_INDEX, Collator, apply_memory_options, build_processor, caption_all, initial_model,
                        normalise_pixels, save_model)
 from .runtime import FashioncapError, progress, run_stage, stage_args
-from . import adapters, checkpoint, disk, fingerprint, lineage, origin, plots, tracking
+from . import adapters, checkpoint, disk, fingerprint, lineage, origin, plots, replay, tracking
 
 log = logging.getLogger(__name__)
 ETA_STEPS = 3  # optimizer steps timed (after the first, which warms up) before the ETA is announced
@@ -369,6 +369,9 @@ def resume_or_start(job: Job, data_dir: Path, out: Outputs, lengths: dict) -> tu
                                                     "mixed_precision": accelerator.mixed_precision, **job.init.tags})
             tracking.log_fingerprint(machine)
             mlflow.set_tag("data.digest", tracking.log_dataset(data_dir, context="train"))
+            if replayed := replay.read_record(data_dir):  # the init's training items mixed in (prepare)
+                mlflow.set_tags({"replay.items": replayed["items"], "replay.fraction": replayed["fraction"],
+                                 "replay.source": f"{replayed['version']} ({replayed['digest']})"})
             if lengths:
                 mlflow.log_metrics({"caption_tokens_p99": lengths["p99"],
                                     "caption_truncated_fraction": lengths["truncated_fraction"]})

@@ -30,12 +30,15 @@ def test_the_adaptation_profile_adapts_the_champion_in_both_methods_and_the_adap
         tiny_repo, tmp_path):
     from mlflow import MlflowClient
 
-    from fashioncap import promotion
+    import datasets
+
+    from fashioncap import promotion, replay
 
     repo = copy_repo(tiny_repo, tmp_path / "repo")
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     client.set_registered_model_alias(NAME, promotion.CHAMPION, "1")
     champion = client.get_model_version(NAME, "1")
+    champion_data = client.get_run(champion.run_id).data.tags["data.digest"]
     (repo / "params.yaml").write_text(yaml.safe_dump(compose([*ADAPT, "train.method=lora"]), sort_keys=False))
     git(repo, "commit", "-qam", "adapt the champion to the new season with LoRA")
     sh([str(BIN / "dvc"), "repro"], repo)
@@ -61,19 +64,45 @@ def test_the_adaptation_profile_adapts_the_champion_in_both_methods_and_the_adap
     assert (run.data.tags["init.version"], run.data.tags["init.weights"]) == ("1", record["weights"])
     assert client.get_run(json.loads((repo / "models/eval_run.json").read_text())["run_id"]).data.metrics[
         "base_test_forgot_cider_d"] == pytest.approx(forgetting["forgot"]["cider_d"])
+    # replay (auto: 0.25 for an init from the registry): the champion's own training items, found by its run's
+    # data digest in the tiny project's committed results, mixed into the new training set
+    replayed = json.loads((repo / "data/prepared" / replay.RECORD).read_text())
+    prepared = datasets.load_from_disk(str(repo / "data/prepared"))
+    new_items = [k for k in prepared["train"]["key"] if k.startswith("synthetic-new-")]
+    assert replayed["items"] == len(replayed["keys"]) == round(0.25 * len(new_items)) > 0
+    assert set(replayed["keys"]) <= set(prepared["train"]["key"]) - set(new_items)
+    assert not set(replayed["keys"]) & set(prepared["base_test"]["key"])  # forgetting is scored on unseen items
+    assert (replayed["version"], replayed["digest"]) == (f"models:/{NAME}/1", champion_data)
+    assert mv.tags["replay_items"] == str(replayed["items"]) and "Replay:" in mv.description
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "adapter results")
     assert git(repo, "ls-files", "models/init") == ""  # the fetched weights are not committed
     assert dvc_status(repo) == {}
+    lock = (repo / "dvc.lock").read_text()
+    sh([str(BIN / "dvc"), "repro", "--force", "--single-item", "prepare"], repo)  # a re-run draws the same items
+    assert (repo / "dvc.lock").read_text() == lock and dvc_status(repo) == {}
 
-    # promoted by the rule for an adaptation of the champion: beat the champion's captions of the new products
-    gained = evaluation["after"]["cider_d"] > evaluation["before"]["cider_d"]
-    promote = subprocess.run([str(BIN / "fashioncap"), "promote"], cwd=repo, capture_output=True, text=True,
-                             env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"})
-    assert (promote.returncode == 0) == gained, promote.stdout + promote.stderr
-    expected, said = ("version 1 -> version 2", promote.stdout) if gained else ("which it was fine-tuned from",
-                                                                                promote.stderr)
-    assert expected in said
+    # promoted only through every gate: beat the champion's captions of the new products, and lose at most 2% of
+    # its CIDEr-D and garment and colour F1 on its own test split (the products still on sale)
+    f1 = lambda block, when, kind: block["attributes"][when][kind]["f1"]  # noqa: E731
+    holds = [forgetting["after"]["cider_d"] >= 0.98 * forgetting["before"]["cider_d"],
+             *(f1(forgetting, "after", kind) >= 0.98 * f1(forgetting, "before", kind) for kind in ("garment", "colour"))]
+    accepted = evaluation["after"]["cider_d"] > evaluation["before"]["cider_d"] and all(holds)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    promote = subprocess.run([str(BIN / "fashioncap"), "promote"], cwd=repo, capture_output=True, text=True, env=env)
+    assert (promote.returncode == 0) == accepted, promote.stdout + promote.stderr
+    said = promote.stdout + promote.stderr
+    assert f"{forgetting['before']['cider_d']:.4f}" in said  # the champion's number beside the candidate's
+    for gate in ("cider_d on the candidate's test split", "cider_d on the champion's test split",
+                 "garment_f1 on the champion's test split", "colour_f1 on the champion's test split"):
+        assert gate in said, said
+    if not accepted:
+        assert "Use --force" in promote.stderr and "FAIL" in promote.stderr
+        forced = subprocess.run([str(BIN / "fashioncap"), "promote", "--force"], cwd=repo, capture_output=True,
+                                text=True, env=env)
+        assert forced.returncode == 0 and "version 1 -> version 2" in forced.stdout, forced.stderr
+    decision = client.get_model_version(NAME, "2").tags[promotion.PROMOTION_TAG]
+    assert decision == f"{'accepted' if accepted else 'forced'} against version 1"
 
     client.set_registered_model_alias(NAME, promotion.CHAMPION, "2")  # the adapter is the champion now
     sh([str(BIN / "dvc"), "repro", "--single-item", "init"], repo)

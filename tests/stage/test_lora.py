@@ -111,7 +111,7 @@ def test_an_adapter_version_registers_its_base_serves_and_fails_by_name_without_
     stored = mlflow.artifacts.download_artifacts(f"models:/{NAME}/2")
     sizes = {p.name: p.stat().st_size for p in Path(stored).rglob("*") if p.is_file()}
     assert "model.safetensors" not in sizes and "adapter_model.safetensors" in sizes  # never a copy of the base
-    assert promotion.promote(client, NAME) == [f"{NAME}@previous: nothing -> version 1",
+    assert promotion.promote(client, NAME).moved == [f"{NAME}@previous: nothing -> version 1",
                                                f"{NAME}@champion: version 1 -> version 2"]
 
     served = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")

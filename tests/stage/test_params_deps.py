@@ -51,7 +51,8 @@ def recorded_reads(monkeypatch):
     def recording(self, name):
         value = original(self, name)
         cls = type(self)
-        if not validating and name in cls.model_fields and not isinstance(value, _Section):
+        # a section inside a list (registry.gates' items) is read through its list's key, recorded there
+        if not validating and cls in prefixes and name in cls.model_fields and not isinstance(value, _Section):
             seen.add(prefixes[cls] + name)
         return value
 
@@ -75,7 +76,7 @@ def recorded_reads(monkeypatch):
         params is a record of the configuration (the MLflow run's logged params, the checkpoint's identity),
         which no output depends on: not a read."""
         def dump(self, *args, **kwargs):
-            if not validating and prefixes[type(self)]:
+            if not validating and prefixes.get(type(self)):
                 leaves(self, prefixes[type(self)])
             return method(self, *args, **kwargs)
         return dump

@@ -75,46 +75,107 @@ def test_registry_model_loads_by_alias_and_captions_a_batch(registry_env, tiny_p
 def test_promote_needs_a_better_score_on_the_same_test_set(registry_env, tiny_params):
     client, model_dir, data_dir = registry_env
     register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(2.0))
-    assert promotion.promote(client, NAME) == [f"{NAME}@champion: nothing -> version 1"]
+    assert promotion.promote(client, NAME).moved == [f"{NAME}@champion: nothing -> version 1"]
     register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(1.0))  # version 2, worse
-    with pytest.raises(promotion.RegistryError, match="does not beat champion version 1"):
+    with pytest.raises(promotion.RegistryError, match=r"(?s)does not pass 2 of its 4 promotion gates against champion "
+                                                      r"version 1:\n  FAIL    cider_d on the candidate's test split.*"
+                                                      r"FAIL    cider_d on the champion's test split"):
         promotion.promote(client, NAME)
-    assert promotion.promote(client, NAME, force=True) == [
+    assert client.get_model_version(NAME, "2").tags[promotion.PROMOTION_TAG] == "refused against version 1"
+    assert promotion.promote(client, NAME, force=True).moved == [
         f"{NAME}@previous: nothing -> version 1", f"{NAME}@champion: version 1 -> version 2"]
+    assert client.get_model_version(NAME, "2").tags[promotion.PROMOTION_TAG] == "forced against version 1"
     register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(9.0, digest="other"))  # version 3
-    with pytest.raises(promotion.RegistryError, match="another test set"):
+    with pytest.raises(promotion.RegistryError, match="champion version 2 was never scored on version 3's test split"):
         promotion.promote(client, NAME, "3")
     register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(3.0))  # version 4, better
-    assert promotion.promote(client, NAME, "4")[-1] == f"{NAME}@champion: version 2 -> version 4"
+    done = promotion.promote(client, NAME, "4")
+    assert done.moved[-1] == f"{NAME}@champion: version 2 -> version 4"
+    assert [v.outcome for v in done.verdicts] == ["pass"] * 4
+    four = client.get_model_version(NAME, "4")
+    assert four.tags["gate.candidate.cider_d"].startswith("pass candidate 3.0 champion 1.0 (beat")
+    assert four.tags["gate.champion.garment_f1"].startswith("pass candidate 0.9 champion 0.9 (max_drop 0.02")
+    assert "Promotion gates against champion version 2" in four.description and "accepted" in four.description
+    assert "Test CIDEr-D 0.010 -> 3.000" in four.description  # the card itself stays
 
 
-def test_a_model_adapted_from_the_champion_is_promoted_only_if_it_beats_it_on_its_own_test_set(registry_env,
-                                                                                                tiny_params):
-    """Adapted to new products, a version is tested on another test set than the champion's; its `before` is
-    the champion's score on that set, and promotion compares with it."""
+def test_a_model_adapted_from_the_champion_is_promoted_only_if_it_keeps_what_the_champion_knew(registry_env,
+                                                                                               tiny_params):
+    """Adapted to new products, a version is tested on them (its `before`: the champion's captions of them) and
+    on the champion's own test split again: it must beat the champion on the first and hold on the second."""
     client, model_dir, data_dir = registry_env
-    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(2.0))
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(2.0, garment_f1=0.9))
     promotion.promote(client, NAME)
     adapt = tiny_params.model_copy(update={"profile": "offline-adapt"})  # a demonstration as the champion is
     from_champion = {"init": f"models:/{NAME}@champion", "kind": "registry", "uri": f"models:/{NAME}/1",
                      "version": "1", "alias": "champion"}
 
-    def adapted(after: float, init: dict, digest: str = "new-season") -> str:
+    def adapted(after: float, init: dict, old_after: float = 2.0, garment: float = 0.9, digest="new-season") -> str:
         scores = table(after, digest)
         scores["before"]["cider_d"] = 1.2  # the init's captions of the new products
+        base = table(old_after, "d1", garment_f1=garment)
+        scores["base_test"] = {**base, "items": 20, "before": {**base["before"], "cider_d": 2.0},
+                               "attributes": {**base["attributes"], "before": table(2.0)["attributes"]["after"]}}
         return register(adapt, new_run(adapt), model_dir, data_dir, scores, init)
 
     assert adapted(0.9, from_champion) == "2"
     assert client.get_model_version(NAME, "2").tags[promotion.CIDER_BEFORE_TAG] == "1.2"
-    with pytest.raises(promotion.RegistryError, match="does not beat champion version 1, which it was fine-tuned "
-                                                      "from, on its test set .1 scored 1.2000 there"):
+    with pytest.raises(promotion.RegistryError, match=r"FAIL    cider_d on the candidate's test split \(new-season\): "
+                                                      r"0.9000 vs champion 1.2000"):
         promotion.promote(client, NAME)
-    assert adapted(3.0, from_champion) == "3"
-    assert promotion.promote(client, NAME)[-1] == f"{NAME}@champion: version 1 -> version 3"
+    assert adapted(3.0, from_champion, old_after=1.0, garment=0.5) == "3"  # better on the new, forgot the old
+    with pytest.raises(promotion.RegistryError) as refused:
+        promotion.promote(client, NAME)
+    assert "does not pass 2 of its 4 promotion gates" in str(refused.value)
+    assert "FAIL    cider_d on the champion's test split (d1): 1.0000 vs champion 2.0000" in str(refused.value)
+    assert "FAIL    garment_f1 on the champion's test split (d1): 0.5000 vs champion 0.9000" in str(refused.value)
+    assert adapted(3.0, from_champion, old_after=1.99) == "4"  # within 2% on the old
+    assert promotion.promote(client, NAME).moved[-1] == f"{NAME}@champion: version 1 -> version 4"
     # fine-tuned from a version that is not the champion: its `before` says nothing of the champion
-    assert adapted(9.0, {**from_champion, "uri": f"models:/{NAME}/2", "version": "2"}, "other") == "4"
-    with pytest.raises(promotion.RegistryError, match="another test set"):
-        promotion.promote(client, NAME, "4")
+    assert adapted(9.0, {**from_champion, "uri": f"models:/{NAME}/2", "version": "2"}, digest="other") == "5"
+    with pytest.raises(promotion.RegistryError, match="fine-tuned from version 2, not from it"):
+        promotion.promote(client, NAME, "5")
+
+
+def test_a_version_is_held_to_the_gates_it_was_registered_with(registry_env, tiny_params):
+    client, model_dir, data_dir = registry_env
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(2.0))
+    promotion.promote(client, NAME)
+    lenient = [{"test_set": "candidate", "metric": "bleu_4", "max_drop": 0.5}]
+    params = tiny_params.model_copy(update={"registry": tiny_params.registry.model_copy(update={
+        "gates": [type(tiny_params.registry.gates[0]).model_validate(lenient[0])]})})
+    register(params, new_run(params), model_dir, data_dir, table(1.0))  # worse CIDEr-D, held to BLEU-4 alone
+    assert json.loads(client.get_model_version(NAME, "2").tags[promotion.GATES_TAG]) == lenient
+    assert [v.line()[:20] for v in promotion.promote(client, NAME).verdicts] == ["PASS    bleu_4 on th"]
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(0.5))  # version 3, before gates were tagged
+    client.delete_model_version_tag(NAME, "3", promotion.GATES_TAG)
+    with pytest.raises(promotion.RegistryError, match="does not pass 2 of its 4 promotion gates"):  # the defaults
+        promotion.promote(client, NAME)
+
+
+def test_fashioncap_promote_prints_every_gate_refuses_by_name_and_records_a_forced_promotion(registry_env,
+                                                                                              tiny_params, cli_env):
+    client, model_dir, data_dir = registry_env
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(2.0))
+    assert promotion.promote(client, NAME).verdicts == []  # the first champion: no gate to pass
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(2.5, garment_f1=0.7))  # forgot garments
+    refused = run_cli("promote", env=cli_env)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert refused.stderr.startswith("error: version 2 does not pass 1 of its 4 promotion gates against champion "
+                                     "version 1:\n  PASS    cider_d on the candidate's test split (d1): 2.5000 vs "
+                                     "champion 2.0000; must beat it\n"), refused.stderr
+    assert ("\n  FAIL    garment_f1 on the champion's test split (d1): 0.7000 vs champion 0.9000; may fall at most 2%: "
+            ">= 0.8820\n  PASS    colour_f1") in refused.stderr
+    forced = run_cli("promote", "--force", env=cli_env)
+    assert forced.returncode == 0, forced.stderr
+    lines = forced.stdout.splitlines()
+    assert [line.split()[1] for line in lines[:4]] == ["PASS", "PASS", "FAIL", "PASS"]
+    assert lines[4:] == [f"{NAME}@previous: nothing -> version 1", f"{NAME}@champion: version 1 -> version 2"]
+    assert client.get_model_version(NAME, "2").tags[promotion.PROMOTION_TAG] == "forced against version 1"
+    register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(3.0, garment_f1=0.69))  # within 2% of 0.7
+    accepted = promotion.promote(client, NAME)  # (the command prints these lines: Promotion.lines)
+    assert [v.outcome for v in accepted.verdicts] == ["pass"] * 4
+    assert accepted.lines()[-1] == f"{NAME}@champion: version 2 -> version 3"
 
 
 def test_a_demo_model_never_replaces_a_champion_of_another_profile(registry_env, tiny_params):
@@ -131,7 +192,7 @@ def test_a_demo_model_never_replaces_a_champion_of_another_profile(registry_env,
     with pytest.raises(promotion.RegistryError, match=refused):
         promotion.promote(client, NAME)
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "1"
-    assert promotion.promote(client, NAME, force=True)[-1] == f"{NAME}@champion: version 1 -> version 2"
+    assert promotion.promote(client, NAME, force=True).moved[-1] == f"{NAME}@champion: version 1 -> version 2"
 
 
 def test_rollback_restores_the_previous_champion_in_one_step(registry_env, tiny_params):
@@ -152,7 +213,8 @@ def test_a_champion_set_by_hand_in_the_ui_is_honoured(registry_env, tiny_params)
     for cider in (1.0, 5.0, 3.0):
         register(tiny_params, new_run(tiny_params), model_dir, data_dir, table(cider))
     client.set_registered_model_alias(NAME, "champion", "2")  # what the UI's alias editor does
-    with pytest.raises(promotion.RegistryError, match="does not beat champion version 2"):
+    with pytest.raises(promotion.RegistryError, match="does not pass 2 of its 4 promotion gates against champion "
+                                                      "version 2"):
         promotion.promote(client, NAME, "3")
     with pytest.raises(promotion.RegistryError, match="has no version 42"):
         promotion.promote(client, NAME, "42")
