@@ -274,6 +274,54 @@ def cmd_score(args) -> int:
     return 0
 
 
+def cmd_review(args) -> int:
+    from .review import PAGE, WORKLIST, review
+
+    _check_alias(args.model)
+    root = project_root()
+    out, data = root / args.out, root / args.data
+    rows = review(args.model, data, args.count, out, args.splits)
+    print(f"{len(rows)} captions of {args.model} to review, least sure first: {out / WORKLIST} (correct a line's "
+          f"caption, then `fashioncap feedback {out / WORKLIST}`); the page: {out / PAGE}")
+    return 0
+
+
+def cmd_feedback(args) -> int:
+    import subprocess
+
+    import datasets
+    import yaml
+
+    from . import feedback
+    from .config import load_params
+
+    root = project_root()
+    params = load_params(root / "params.yaml")
+    prepared = root / args.data
+    if not (prepared / "dataset_dict.json").is_file():
+        raise FashioncapError(f"{prepared} holds no prepared catalogue to check keys against: run the pipeline "
+                              "(`dvc repro`) first")
+    keys = {key for split in datasets.load_from_disk(str(prepared)).values() for key in split["key"]}
+    source = Path(args.file)
+    try:
+        lines = source.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise feedback.FeedbackError(f"cannot read {source}: {error}") from None
+    corrections = feedback.check(lines, source.resolve().parent, keys, params.data)
+    folder = root / yaml.safe_load((root / "dvc.yaml").read_text())["vars"][0]["paths"]["corrections"]
+    counts = feedback.apply(corrections, folder)
+    tracked = folder / feedback.REVIEWED
+    proc = subprocess.run([str(Path(sys.executable).with_name("dvc")), "add", str(tracked.relative_to(root))],
+                          cwd=root, capture_output=True, text=True)
+    if proc.returncode:
+        raise FashioncapError(f"the corrections are in {tracked}, but `dvc add` failed: {proc.stderr.strip()[-500:]}")
+    print(f"applied {counts['captions']} caption corrections and {counts['photos']} new photos "
+          f"({counts['stored']} corrections in {tracked.relative_to(root)}, tracked by DVC). Commit them "
+          f"(`git add {folder.relative_to(root)} && git commit`), then train on them with replay: "
+          "dvc exp run -S 'model.init=models:/fashion-captioner@champion'")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fashioncap", description=__doc__)
     p.add_argument("--name", help="registered model name (default: registry.name of params.yaml)")
@@ -335,6 +383,22 @@ def parser() -> argparse.ArgumentParser:
     catalogue.add_argument("--threads", type=positive_int, default=1, help="torch threads per Spark task (default 1: "
                            "one task per core)")
     catalogue.set_defaults(func=cmd_caption_catalogue)
+    review = sub.add_parser("review", help="a worklist of the captions a version is least sure of, for reviewers")
+    review.add_argument("--model", help="model URI (default: models:/<name>@champion)")
+    review.add_argument("--data", default="data/prepared", help="the prepared catalogue, relative to the project "
+                        "(default data/prepared)")
+    review.add_argument("--splits", nargs="+", default=["train", "validation", "test"],
+                        help="its splits to caption (default: train validation test)")
+    review.add_argument("--count", type=positive_int, default=50, help="captions on the worklist (default 50)")
+    review.add_argument("--out", default="reviews", help="folder for worklist.jsonl, worklist.html and the photos, "
+                        "relative to the project (default reviews)")
+    review.set_defaults(func=cmd_review)
+    fb = sub.add_parser("feedback", help="apply reviewers' corrections (JSONL) to the catalogue, for the next training")
+    fb.add_argument("file", help='JSON lines: {"key": ..., "caption": ...} for a catalogue product, or '
+                    '{"image": PATH, "caption": ...} for a new photo (PATH relative to the file)')
+    fb.add_argument("--data", default="data/prepared", help="the prepared catalogue whose keys corrections name, "
+                    "relative to the project (default data/prepared)")
+    fb.set_defaults(func=cmd_feedback)
     score = sub.add_parser("score", help="score captions against references with the pipeline's metrics (COCO "
                            "tokenisation, BLEU-1..4, CIDEr-D, ROUGE-L, METEOR)")
     score.add_argument("--references", required=True, help='JSON lines: {"id": ..., "references": ["...", ...]}')

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 TOKEN_LENGTHS = "caption_tokens.json"  # beside the prepared splits: caption lengths in the model's tokens
+CORRECTIONS_RECORD = "corrections.json"  # beside them too: how many reviewers' corrections prepare used
 OFFLINE_HINT = "dvc exp run -S profile=offline"
 
 

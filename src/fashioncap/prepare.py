@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ from .data import (SPLITS, TOKEN_LENGTHS, DataSourceError, check_source, RawItem
 from .imaging import ImageInputError, decode_image, encode_image, to_model_image
 from .modeling import build_processor
 from .runtime import progress, project_root, run_stage, stage_args
-from . import disk, origin, replay
+from . import disk, feedback, origin, replay
 
 log = logging.getLogger(__name__)
 REJECTED_REPORT = "rejected.jsonl"  # one line per left-out item: key, source, reason, kind
@@ -88,14 +89,21 @@ def prepare_items(items: Iterable[RawItem], cfg: DataParams, size: int) -> Itera
             yield pending.popleft().result()
 
 
-def build_splits(params: Params) -> tuple[dict[str, list[dict]], list[dict]]:
-    """Reads the source; returns the rows of each split (and, for the synthetic new part, of the base part's test
-    split, BASE_TEST) and a report of every rejected item."""
+def build_splits(params: Params, corrections_dir: Path | None = None,
+                 used: dict[str, int] | None = None) -> tuple[dict[str, list[dict]], list[dict]]:
+    """Reads the source, with the reviewers' corrections of `corrections_dir` applied (feedback.py: a corrected
+    key's caption replaced, new photos added; `used` counts them); returns the rows of each split (and, for the
+    synthetic new part, of the base part's test split, BASE_TEST) and a report of every rejected item."""
     cfg = params.data
     rows: dict[str, list[dict]] = {s: [] for s in SPLITS}
     rejected: list[dict] = []
     first_seen: dict[str, tuple[str, str]] = {}
-    items = progress(read_source(cfg, params.seed), desc="prepare", unit="img")
+    used = {"captions": 0, "photos": 0} if used is None else used
+    reviewed = feedback.stored(corrections_dir) if corrections_dir is not None else {}
+    source = feedback.corrected(read_source(cfg, params.seed), reviewed, used)
+    photos = list(feedback.new_photos(corrections_dir, reviewed)) if reviewed else []
+    used["photos"] = len(photos)
+    items = progress(itertools.chain(source, photos), desc="prepare", unit="img")
     for row in prepare_items(items, cfg, params.model.image_size):
         if "kind" not in row and row["digest"] in first_seen:
             # the same photo twice: keep the first, whatever the captions say
@@ -110,7 +118,8 @@ def build_splits(params: Params) -> tuple[dict[str, list[dict]], list[dict]]:
         split = split_of(row["key"], cfg.split_salt, cfg.val_fraction, cfg.test_fraction)
         rows[split].append(_stored(row))
     if cfg.source == "synthetic" and cfg.synthetic.part == "new":
-        base_test = prepare_items(base_test_items(cfg, params.seed), cfg, params.model.image_size)
+        base = feedback.corrected(base_test_items(cfg, params.seed), reviewed, used)
+        base_test = prepare_items(base, cfg, params.model.image_size)
         rows[BASE_TEST] = [_stored(row) for row in base_test if "kind" not in row]
     return rows, rejected
 
@@ -211,13 +220,14 @@ def save(rows: dict[str, list[dict]], rejected: list[dict], out: Path, lengths: 
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = stage_args(__doc__, argv, "out", "metrics")
+    args = stage_args(__doc__, argv, "out", "metrics", "corrections")
     params = load_params(args.params)
     check_source(params.data)  # before the model's files are looked for: without the Hub, both would fail
     # a wrong model.init or model.image_size fails now, not after the images
     init = origin.load(params.model.init, args.init)
     processor = None if params.model.from_scratch else build_processor(params.model, [], init)
-    rows, rejected = build_splits(params)
+    used = {"captions": 0, "photos": 0}
+    rows, rejected = build_splits(params, args.corrections, used)
     check_rejections(sum(len(rows[s]) for s in SPLITS), rejected, params.data.max_rejected_fraction)
     empty = [s for s in SPLITS if not rows[s]]
     if empty:
@@ -226,8 +236,10 @@ def main(argv: list[str] | None = None) -> None:
     replayed = add_replay(params, init.record, rows, project_root())
     lengths = token_lengths(params.model, rows, processor, init)
     save(rows, rejected, args.out, lengths, replayed)
+    feedback.write_record(args.out, used)
     faults.point("prepare.saved")
     summary = summarise(rows, rejected)
+    summary["corrections"] = used
     if replayed:
         summary["replay"] = {k: v for k, v in replayed.items() if k != "keys"}
     summary["caption_tokens"] = {k: v for k, v in lengths.items() if k != "counts"}

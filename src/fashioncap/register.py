@@ -74,7 +74,8 @@ def input_example(data_dir: Path):
     return pd.DataFrame({"image": [base64.b64encode(row["image"]["bytes"]).decode()]})
 
 
-def model_card(params: Params, table: dict, run, init: dict | None = None, replayed: dict | None = None) -> str:
+def model_card(params: Params, table: dict, run, init: dict | None = None, replayed: dict | None = None,
+               corrected: dict | None = None) -> str:
     """A short model card for the version description."""
     b, a = table["before"], table["after"]
     init = init or origin.record_of(params.model.init)
@@ -90,7 +91,9 @@ def model_card(params: Params, table: dict, run, init: dict | None = None, repla
         f"Data: {source[params.data.source]}; test split of {table['test_items']} items, "
         f"{table['novel_items']} with captions unseen in training."
         + (f" Replay: {replayed['items']} items of {replayed['source']}'s own training data mixed in, "
-           f"{float(replayed['fraction']):.0%} of the new training set." if replayed else ""),
+           f"{float(replayed['fraction']):.0%} of the new training set." if replayed else "")
+        + (f" Reviewers' corrections used: {corrected['captions']} captions, {corrected['photos']} new photos."
+           if corrected and (int(corrected["captions"]) or int(corrected["photos"])) else ""),
         f"Test CIDEr-D {b['cider_d']:.3f} -> {a['cider_d']:.3f}, BLEU-4 {b['bleu_4']:.3f} -> {a['bleu_4']:.3f}, "
         f"ROUGE-L {b['rouge_l']:.3f} -> {a['rouge_l']:.3f}"
         + (f", METEOR {b['meteor']:.3f} -> {a['meteor']:.3f}" if "meteor" in a else "")
@@ -202,17 +205,19 @@ def _log_and_register(params: Params, run_id: str, model_dir: Path, data_dir: Pa
                 signature=signature(params), input_example=input_example(data_dir),
                 pip_requirements=pip_requirements())
     replayed = {k.removeprefix("replay."): v for k, v in run.data.tags.items() if k.startswith("replay.")}
+    corrected = {k.removeprefix("corrections."): v for k, v in run.data.tags.items() if k.startswith("corrections.")}
     tags = {promotion.DIGEST_TAG: table["test_digest"], promotion.RUN_TAG: run_id, promotion.PROFILE_TAG: params.profile,
             "model_digest": run.data.tags.get("model.digest", "unknown"),
             promotion.COMMIT_TAG: run.data.tags.get("mlflow.source.git.commit", "unknown"),
             promotion.REGISTRATION_TAG: registration, **promotion.score_tags(table),
             promotion.GATES_TAG: json.dumps([g.model_dump() for g in params.registry.gates]),
             **{f"replay_{k}": v for k, v in replayed.items()},  # the init's training items mixed in (train's tags)
+            **{f"corrections_{k}": v for k, v in corrected.items()},  # reviewers' corrections trained on
             **{k.replace(".", "_"): v for k, v in origin.Init(init, init["init"]).tags.items()}, **method}
     faults.point("register.logged")
     version = mlflow.register_model(info.model_uri, params.registry.name, tags=tags)
     client.update_model_version(params.registry.name, version.version,
-                                description=model_card(params, table, run, init, replayed))
+                                description=model_card(params, table, run, init, replayed, corrected))
     faults.point("register.registered")
     return version
 

@@ -14,7 +14,7 @@ import torch
 
 from . import faults
 from .config import Params, TrainParams, load_params
-from .data import TOKEN_LENGTHS, DataSourceError
+from .data import CORRECTIONS_RECORD, TOKEN_LENGTHS, DataSourceError
 from .metrics import caption_scores
 from .fingerprint import mixed_precision
 from .modeling import (IGNORE_INDEX, Collator, apply_memory_options, build_processor, caption_all, initial_model,
@@ -369,6 +369,9 @@ def resume_or_start(job: Job, data_dir: Path, out: Outputs, lengths: dict) -> tu
                                                     "mixed_precision": accelerator.mixed_precision, **job.init.tags})
             tracking.log_fingerprint(machine)
             mlflow.set_tag("data.digest", tracking.log_dataset(data_dir, context="train"))
+            if (data_dir / CORRECTIONS_RECORD).is_file():  # reviewers' corrections prepare used (feedback.py)
+                used = json.loads((data_dir / CORRECTIONS_RECORD).read_text())
+                mlflow.set_tags({f"corrections.{k}": v for k, v in used.items()})
             if replayed := replay.read_record(data_dir):  # the init's training items mixed in (prepare)
                 mlflow.set_tags({"replay.items": replayed["items"], "replay.fraction": replayed["fraction"],
                                  "replay.source": f"{replayed['version']} ({replayed['digest']})"})

@@ -79,7 +79,8 @@ def test_default_profile_without_hub_access_stops_fast_naming_the_offline_comman
     params = write_params(compose([]))
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "fashioncap.prepare", "--params", str(params),
-                           "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json")],
+                           "--out", str(tmp_path / "out"), "--metrics", str(tmp_path / "m.json"),
+                           "--corrections", str(tmp_path / "corrections")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "dvc exp run -S profile=offline" in proc.stderr

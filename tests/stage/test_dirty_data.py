@@ -81,7 +81,8 @@ def prepare(tmp_path, write_params, tiny_raw, max_rejected: float) -> subprocess
             "val_fraction": 0.2, "test_fraction": 0.2, "split_salt": "dirty", "max_rejected_fraction": max_rejected}
     params = write_params({**tiny_raw, "data": data})
     return subprocess.run([sys.executable, "-m", "fashioncap.prepare", "--params", str(params),
-                           "--out", str(tmp_path / "prepared"), "--metrics", str(tmp_path / "prepare.json")],
+                           "--out", str(tmp_path / "prepared"), "--metrics", str(tmp_path / "prepare.json"),
+                           "--corrections", str(tmp_path / "corrections")],
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
 
 

@@ -119,9 +119,10 @@ def reads(tmp_path_factory, tiny_raw) -> dict[str, set[str]]:
                                              "fingerprint.json")}
     runs = {
         "init": [(origin.main, ["--params", str(params), "--out", str(root / "models" / "init.json")])],
-        "prepare": [(prepare.main, ["--params", str(params), "--out", p["prepared"], "--metrics", str(root / "p.json")]),
+        "prepare": [(prepare.main, ["--params", str(params), "--out", p["prepared"], "--metrics", str(root / "p.json"),
+                                    "--corrections", str(root / "corrections")]),
                     (prepare.main, ["--params", str(shop_params), "--out", p["shop-prepared"],
-                                    "--metrics", p["shop-prepare.json"]])],
+                                    "--metrics", p["shop-prepare.json"], "--corrections", str(root / "corrections")])],
         "train": [(train.main, ["--params", str(params), "--data", p["prepared"], "--model-dir", p["best"],
                                 "--run-ref", p["run.json"], "--checkpoint-dir", p["ckpt"], "--metrics", p["train.json"],
                                 "--train-log", p["train_log.csv"], "--val-log", p["val_log.csv"],
