@@ -104,7 +104,7 @@ LONGEST_FIRST = (
     "tests/e2e/test_kill_anywhere.py",
     "tests/e2e/test_catalogue.py",
     "tests/e2e/test_adapt.py",  # two adaptations of the champion and a reproduction
-    "tests/e2e/test_feedback.py",  # review, feedback and a prepare through the real CLIs
+    "tests/e2e/test_review_feedback.py",  # review, feedback and a prepare through the real CLIs
     "tests/e2e/test_rehearsal.py",
     "tests/stage/test_resume.py",
     "tests/e2e/test_wheel.py",
