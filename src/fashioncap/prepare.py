@@ -236,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
     replayed = add_replay(params, init.record, rows, project_root())
     lengths = token_lengths(params.model, rows, processor, init)
     save(rows, rejected, args.out, lengths, replayed)
-    feedback.write_record(args.out, used)
+    if used["captions"] or used["photos"]:  # none used: the prepared data stays what it was without corrections
+        feedback.write_record(args.out, used)
     faults.point("prepare.saved")
     summary = summarise(rows, rejected)
     summary["corrections"] = used
