@@ -27,6 +27,7 @@ def test_a_reviewers_correction_goes_from_the_worklist_into_the_next_training_da
     from mlflow import MlflowClient
 
     repo = copy_repo(tiny_repo, tmp_path / "repo")
+    assert not (repo / "data/prepared/corrections.json").exists()  # none used: the prepared data as it always was
     MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").set_registered_model_alias(NAME, "champion", "1")
     reviewed = fashioncap(repo, "review", "--count", "3", "--splits", "train", "test")
     assert reviewed.returncode == 0, reviewed.stderr[-2000:]
@@ -57,5 +58,6 @@ def test_a_reviewers_correction_goes_from_the_worklist_into_the_next_training_da
     captions = dict(zip(prepared[split]["key"], prepared[split]["caption"]))
     assert captions[fixed["key"]] == "a corrected caption from the review"
     assert json.loads((repo / "metrics/prepare.json").read_text())["corrections"] == {"captions": 1, "photos": 0}
+    assert json.loads((repo / "data/prepared/corrections.json").read_text()) == {"captions": 1, "photos": 0}
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "a reviewer's correction")
