@@ -16,7 +16,7 @@ from .gates import DEFAULT_GATES, Gate, Scorecard, Verdict, check
 from .runtime import FashioncapError
 
 CANDIDATE, CHAMPION, PREVIOUS = "candidate", "champion", "previous"
-CIDER_TAG, BLEU_TAG, DIGEST_TAG, RUN_TAG, COMMIT_TAG = "test_cider_d", "test_bleu_4", "data_digest", "run_id", "git_commit"
+CIDER_TAG, DIGEST_TAG, RUN_TAG, COMMIT_TAG = "test_cider_d", "data_digest", "run_id", "git_commit"
 PROFILE_TAG = "profile"
 CIDER_BEFORE_TAG, INIT_VERSION_TAG = "test_cider_d_before", "init_version"  # the init's score on the same test set
 # register's digest of what a version serves and was evaluated with (served config, test table): the same

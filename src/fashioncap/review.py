@@ -12,10 +12,10 @@ import html
 import json
 from pathlib import Path
 
+from .feedback import suffix
 from .report import STYLE, data_uri
 
 WORKLIST, PAGE, PHOTOS = "worklist.jsonl", "worklist.html", "photos"
-PNG_MAGIC = b"\x89PNG"
 CHUNK = 256  # products captioned per chunk: their decoded photos are what the review holds in memory
 
 
@@ -97,12 +97,12 @@ def review(model_uri: str, prepared: Path, count: int, out: Path, splits: list[s
                              "catalogue_caption": reference})
                 where[key] = (split, start + i)
     chosen = least_sure(rows, count)
+    encoded = {split: catalogue[split].cast_column("image", datasets.Image(decode=False)) for split in splits}
     photos = {}
     for r in chosen:
         split, index = where[r["key"]]
-        photos[r["key"]] = catalogue[split].cast_column("image", datasets.Image(decode=False))[index]["image"]["bytes"]
-        suffix = "png" if photos[r["key"]].startswith(PNG_MAGIC) else "jpg"
-        r["photo"] = f"{PHOTOS}/{r['key']}.{suffix}"
+        photos[r["key"]] = encoded[split][index]["image"]["bytes"]  # the stored bytes, not decoded again
+        r["photo"] = f"{PHOTOS}/{r['key']}{suffix(photos[r['key']])}"
     (out / PHOTOS).mkdir(parents=True, exist_ok=True)
     for r in chosen:
         (out / r["photo"]).write_bytes(photos[r["key"]])
