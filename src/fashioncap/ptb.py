@@ -12,7 +12,12 @@ fashion-style captions (tests/unit/test_ptb.py keeps the Java tokenizer as the o
 - a period ends a word unless the word is a known abbreviation (Stanford's lists: titles, months,
   companies, "etc", "vs", single letters and acronyms such as "u.s.", and "no."/"ca." before a number);
 - a decimal number glued to a unit is two tokens ("7.5cm" -> "7.5 cm"; "110cm" stays one);
-- unicode fractions are spelled out ("7½" -> "7 1/2");
+- a whole number of up to four digits and a fraction after one space are one token, joined by a no-break space
+  ("38 1/2" -> "38\u00a01/2", Stanford's FRAC): pycocoevalcap's ROUGE-L splits on plain spaces only, so it
+  scores that as one word, where its BLEU and CIDEr-D (`str.split()`) see two; joined by a hyphen too
+  ("2-1/2-inch" -> "2-1/2 inch"), where another hyphenated number ends its word at a slash ("a-1/2" ->
+  "a-1 / 2");
+- unicode fractions are spelled out ("7½" -> "7 1/2", two tokens);
 - unicode dashes, the ellipsis character and two periods are punctuation ("--", "..."), "£" and "€" become "#" and
   "$", symbols such as "®", "™", "°", "~" are tokens of their own; runs of "!" and "?" stay one token;
 - an opening single quote is split off a word ("'the" -> "` the") except in "'n'", "'em", "'90s", and
@@ -49,6 +54,13 @@ _ABBREVIATION = re.compile(
     rf"(?:{_MONTHS}|{_DAYS}|{_STATES}|{_COMPANIES}|tel|est|ext|sq|Jr|Sr|Bros|Blvd|Rd|Esq|etc|al|seq|"
     rf"[A-Za-z]|{_TITLES}|vs|Alex|Wm|Jos|Cie|cf|TREAS|[A-Za-z](?:\.[A-Za-z])+|(?:Ed|Ph)\.D|a\.k\.a)\.", re.I)
 _BEFORE_NUMBER = re.compile(r"(?:ca|figs?|prop|nos?|art|bldg|pp|op)\.", re.I)
+# Stanford's FRAC where a token starts: 1-4 digits, a space or hyphen, 1-4 digits, a slash (or fraction slash)
+# and 1-4 digits, whatever follows ("38 1/2cm" -> "38 1/2" "cm"; "38 1/23456" -> "38 1/2345" "6")
+_WHOLE_AND_FRACTION = re.compile(r"(?<![^\s(\[{$#\"`])(\d{1,4})([ \u00a0-])(\d{1,4}(?:\\?/|\u2044)\d{1,4})")
+# the no-break space and the hyphen inside such a token while the other rules run (they split at spaces, and at
+# the slash after a hyphenated number)
+_NO_BREAK, _HYPHEN = "\ue001", "\ue002"
+_HYPHENATED_NUMBER = re.compile(r".-\d+$")
 _FRACTIONS = {"\u00bc": "1/4", "\u00bd": "1/2", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3"}
 # after "X." these start a sentence for Stanford's lexer (capitalised; the rest of the word in any case): each
 # one measured against the Java tokenizer, as were words it does not split before ("I", "And", "On", "For",
@@ -93,8 +105,15 @@ def _treebank():
     return _StanfordTreebank()
 
 
+def _joined_fraction(match: re.Match) -> str:
+    whole, joint, fraction = match.groups()
+    return f" {whole}{_HYPHEN if joint == '-' else _NO_BREAK}{fraction} "
+
+
 def _before(text: str) -> str:
     text = text.replace("\n", " ")
+    # before the unicode fractions are spelled out: "7½" is two tokens ("7 1/2"), "7 1/2" one
+    text = _WHOLE_AND_FRACTION.sub(_joined_fraction, text)
     # capitals joined by "&" ("AT&T", "H&M") are a token of their own where a token may start: every other
     # "&" is split off, and what follows the capitals is a new token ("AT&Ts" -> "AT&T s")
     while (joined := _JOINED_CAPITALS.sub(lambda m: f" {m.group(0).replace('&', _JOINED)} ", text)) != text:
@@ -118,16 +137,21 @@ def _before(text: str) -> str:
 def _split_slashes(token: str) -> list[str]:
     """Words joined by slashes: runs of at most three stay one token; slashes next to a decimal number
     or at an end are tokens of their own."""
-    if "/" not in token or token == "/":
+    if "/" not in token or token == "/" or _NO_BREAK in token or _HYPHEN in token:
         return [token]
     if not _SLASHED.match(token) or _DECIMAL.search(token):
         return [p for p in re.split(r"(/)", token) if p]
-    parts = token.split("/")
+    runs: list[list[str]] = [[]]
+    for part in token.split("/"):
+        runs[-1].append(part)
+        if _HYPHENATED_NUMBER.search(part):  # a word ends at a hyphenated number: "a-1/2" -> "a-1 / 2"
+            runs.append([])
     out: list[str] = []
-    for start in range(0, len(parts), 3):
-        if out:
-            out.append("/")
-        out.append("/".join(parts[start : start + 3]))
+    for parts in filter(None, runs):
+        for start in range(0, len(parts), 3):
+            if out:
+                out.append("/")
+            out.append("/".join(parts[start : start + 3]))
     return out
 
 
@@ -218,7 +242,8 @@ def _slow_tokens(caption: str) -> list[str]:
             merged.append(token)
     if len(merged) > 1 and merged[-1] == "." and _ABBREVIATION.fullmatch(merged[-2] + "."):
         merged[-2:] = [merged[-2] + "."]  # nltk splits the final period off "etc." too
-    return [t.lower().replace(_JOINED, "&") for t in merged]
+    return [t.lower().replace(_JOINED, "&").replace(_NO_BREAK, "\u00a0").replace(_HYPHEN, "-")
+            for t in merged]
 
 
 @lru_cache(maxsize=1 << 16)  # references are scored again at every validation

@@ -79,3 +79,14 @@ def test_a_vocabulary_too_large_for_integer_ngram_codes_scores_the_same():
     theirs, _ = reference_scores(refs, hyps)
     for name in ours:
         assert ours[name] == pytest.approx(theirs[name], abs=1e-9), name
+
+
+def test_rouge_l_scores_a_whole_number_and_its_fraction_as_one_word_as_pycocoevalcap_does():
+    """COCO's tokenizer joins "32 1/2" with a no-break space: pycocoevalcap's ROUGE-L splits on plain spaces
+    (one word, which differs from "32 3/4"), its BLEU on any whitespace (two words, "32" in common)."""
+    refs, hyps = [["Trousers in size 32 1/2."]], ["trousers in size 32 3/4"]
+    official = ({0: ["trousers in size 32\u00a01/2"]}, {0: ["trousers in size 32\u00a03/4"]})
+    ours = caption_scores(refs, hyps)
+    assert ours["rouge_l"] == pytest.approx(Rouge().compute_score(*official)[0], abs=1e-12)
+    assert ours["bleu_1"] == pytest.approx(Bleu(4).compute_score(*official, verbose=0)[0][0], abs=1e-12)
+    assert ours["rouge_l"] == pytest.approx(0.75) and ours["bleu_1"] == pytest.approx(0.8)

@@ -76,6 +76,14 @@ from fashioncap.ptb import coco_corpus, coco_tokens
     ("sizes S..XL", "sizes s. xl"),
     ("made in the U.S..", "made in the u.s."),
     ("3..4 cm", "3 .4 cm"),
+    # a whole number and a fraction are one token, joined by a no-break space (Stanford's FRAC) or a hyphen;
+    # a unicode fraction is spelled out as a token of its own
+    ("Size 38 1/2 shoes", "size 38\u00a01/2 shoes"),
+    ("a 2 1/2-inch heel, 38 1/2cm", "a 2\u00a01/2 inch heel 38\u00a01/2 cm"),
+    ("a 2-1/2-inch heel", "a 2-1/2 inch heel"),
+    ("sizes 8 1/2, 9 1/2W and (10 3/4)", "sizes 8\u00a01/2 9\u00a01/2 w and -lrb- 10\u00a03/4 -rrb-"),
+    ("7½ inch, 7 ½ inch", "7 1/2 inch 7 1/2 inch"),
+    ("12345 1/2, US6 1/2, 6.5 1/2, 38 1/23456", "12345 1/2 us6 1/2 6.5 1/2 38\u00a01/2345 6"),
 ])
 def test_tokens_equal_the_official_coco_tokenisation(caption, official):
     assert coco_tokens(caption) == official
