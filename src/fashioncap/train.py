@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import glob
 import json
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,12 +33,24 @@ class TrainSetupError(FashioncapError):
 
 
 CPU_FRIENDLY_BYTES = 200 * 2**20  # an init model this small (the offline profile's: ~4 MB) trains on a CPU
+# torch's CUDA build, as the README installs it on a GPU machine (requirements.lock holds the CPU build)
+GPU_INSTALL = "pip install -r requirements-cuda.lock && pip install --no-deps -e ."
+NVIDIA_DEVICE_FILES = "/dev/nvidia[0-9]*"  # one per GPU, made by NVIDIA's driver
+
+
+def nvidia_device() -> str | None:
+    """What shows that this machine has an NVIDIA GPU, whatever torch sees: its first device file, or
+    nvidia-smi on PATH; None without either."""
+    files = sorted(glob.glob(NVIDIA_DEVICE_FILES))
+    return files[0] if files else shutil.which("nvidia-smi")
 
 
 def check_device(params: Params, has_gpu: bool, init=None) -> None:
     """Refuses to fine-tune a pretrained checkpoint without a GPU unless train.allow_cpu says so: the
     default recipe needs days on a CPU. Training from scratch (the offline profile), or from a local or
-    registry model as small as the offline profile's, is unaffected."""
+    registry model as small as the offline profile's, is unaffected. Where the machine has an NVIDIA GPU that
+    torch cannot use, the refusal says why: a CPU-only torch (and the install that fixes it), or a CUDA
+    build that sees no device."""
     if has_gpu or params.model.from_scratch or params.train.allow_cpu:
         return
     if init is not None and Path(init.source).is_dir():
@@ -44,9 +58,21 @@ def check_device(params: Params, has_gpu: bool, init=None) -> None:
         if 0 < weights <= CPU_FRIENDLY_BYTES:
             return
     cfg = params.train
+    days = (f"fine-tuning '{params.model.init}' for {cfg.max_steps} steps of {cfg.batch_size} samples would take "
+            "days on this CPU (about 6 s per sample for BLIP-base)")
+    device = nvidia_device()
+    if device is not None and torch.version.cuda is None:
+        raise TrainSetupError(
+            f"this machine has an NVIDIA GPU ({device}), but the installed torch {torch.__version__} is a "
+            f"CPU-only build (requirements.lock's): {days}. Install torch's CUDA build from its lock, then run "
+            f"again: {GPU_INSTALL}")
+    if device is not None:
+        raise TrainSetupError(
+            f"this machine has an NVIDIA GPU ({device}) and torch {torch.__version__} is built for CUDA "
+            f"{torch.version.cuda}, but torch sees no GPU: {days}. Check the driver (nvidia-smi) and "
+            "CUDA_VISIBLE_DEVICES, then run again")
     raise TrainSetupError(
-        f"no GPU found: fine-tuning '{params.model.init}' for {cfg.max_steps} steps of {cfg.batch_size} "
-        f"samples would take days on this CPU (about 6 s per sample for BLIP-base). "
+        f"no GPU found: {days}. "
         "Run the offline profile instead (dvc exp run -S profile=offline), run on a machine with a GPU, or go "
         "ahead anyway with -S train.allow_cpu=true: the stage then measures its first steps and prints the ETA")
 

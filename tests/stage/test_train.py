@@ -131,6 +131,30 @@ def test_cpu_guard_lets_scratch_models_and_explicit_overrides_through(tiny_param
     check_device(allowed, has_gpu=False)
 
 
+@pytest.mark.skipif(torch.version.cuda is not None, reason="this torch is a CUDA build")
+def test_a_cpu_only_torch_on_a_machine_with_an_nvidia_gpu_is_told_to_install_the_cuda_build(monkeypatch, tmp_path):
+    """The default params on a machine whose NVIDIA driver made a device file, with this environment's real
+    CPU-only torch: the refusal names the GPU and the install the README gives, not "no GPU found". Only the
+    device check is mocked (device files under tmp_path, no nvidia-smi on PATH)."""
+    from fashioncap import train
+    from fashioncap.config import parse_params
+    from tests.conftest import REPO, default_params
+
+    params = parse_params(default_params())
+    monkeypatch.setattr(train, "NVIDIA_DEVICE_FILES", str(tmp_path / "nvidia[0-9]*"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(train.TrainSetupError, match="^no GPU found") as none:
+        train.check_device(params, torch.cuda.is_available())
+    (tmp_path / "nvidia0").touch()
+    with pytest.raises(train.TrainSetupError) as cpu_torch:
+        train.check_device(params, torch.cuda.is_available())
+    message = str(cpu_torch.value)
+    assert "no GPU found" not in message and f"NVIDIA GPU ({tmp_path / 'nvidia0'})" in message
+    assert f"torch {torch.__version__} is a CPU-only build" in message and message.endswith(train.GPU_INSTALL)
+    assert train.GPU_INSTALL in (REPO / "README.md").read_text()  # the README's GPU install, word for word
+    assert "allow_cpu" in str(none.value)
+
+
 def test_max_caption_tokens_below_the_99th_percentile_is_refused(tiny_params, tmp_path):
     import json
 
