@@ -7,6 +7,8 @@ as exactly one finished MLflow run with its whole metric history, and as exactly
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -41,7 +43,7 @@ def sweep(repo: Path, prefix: str, rates: tuple[str, ...], while_running: Callab
     watcher = threading.Thread(target=watch, daemon=True) if while_running is not None else None
     if watcher is not None:
         watcher.start()
-    sh([str(BIN / "dvc"), "queue", "start", "-j", "2"], repo, **env)
+    start_workers(repo, **env)
     deadline = time.monotonic() + 900
     while True:
         status = sh([str(BIN / "dvc"), "queue", "status"], repo).stdout
@@ -58,6 +60,18 @@ def sweep(repo: Path, prefix: str, rates: tuple[str, ...], while_running: Callab
             line.split()[1] in names}
     assert rows == {name: "Success" for name in names}, status
     return names
+
+
+def start_workers(repo: Path, **env: str) -> None:
+    """`dvc queue start -j 2`. Its workers are forked from it and hold its standard output until the queue is
+    empty: read through a pipe, the command would seem to run as long as the whole sweep, so its output goes to
+    a file (shown if it fails) and the caller waits on `dvc queue status`."""
+    log = repo.parent / f"{repo.name}-queue-start.log"
+    with log.open("w") as out:
+        proc = subprocess.run([str(BIN / "dvc"), "queue", "start", "-j", "2"], cwd=repo, stdout=out,
+                              stderr=subprocess.STDOUT, timeout=120,
+                              env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env})
+    assert proc.returncode == 0, log.read_text()[-3000:]
 
 
 def accounted_for(repo: Path, client, names: list[str], versions_before: int, experiment: str = "fashioncap",
