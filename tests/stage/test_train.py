@@ -155,6 +155,23 @@ def test_a_cpu_only_torch_on_a_machine_with_an_nvidia_gpu_is_told_to_install_the
     assert "allow_cpu" in str(none.value)
 
 
+def test_a_cuda_torch_that_sees_no_gpu_on_a_machine_with_one_is_told_to_check_the_driver(monkeypatch, tmp_path):
+    """torch's CUDA build (its version mocked, with the device check) that sees no device: the refusal says
+    so and names what hides it, not the install."""
+    from fashioncap import train
+    from fashioncap.config import parse_params
+    from tests.conftest import default_params
+
+    (tmp_path / "nvidia0").touch()
+    monkeypatch.setattr(train, "NVIDIA_DEVICE_FILES", str(tmp_path / "nvidia[0-9]*"))
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    with pytest.raises(train.TrainSetupError) as refused:
+        train.check_device(parse_params(default_params()), has_gpu=False)
+    message = str(refused.value)
+    assert "is built for CUDA 12.8, but torch sees no GPU" in message and "CUDA_VISIBLE_DEVICES" in message
+    assert train.GPU_INSTALL not in message and "no GPU found" not in message
+
+
 def test_max_caption_tokens_below_the_99th_percentile_is_refused(tiny_params, tmp_path):
     import json
 
