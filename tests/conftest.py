@@ -351,10 +351,14 @@ def new_run(params) -> str:
     return run.info.run_id
 
 
+def shell_env(**env: str) -> dict[str, str]:
+    """This process's environment as a user's shell has it (the venv's tools first on PATH), with `env` on top."""
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
+
+
 def sh(args: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
     """Runs a command as a user's shell would (the venv's tools first on PATH); fails the test on error."""
-    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env}
-    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(args, cwd=cwd, env=shell_env(**env), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
 

@@ -7,7 +7,6 @@ as exactly one finished MLflow run with its whole metric history, and as exactly
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import threading
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, TINY_OVERRIDES, set_args, sh
+from tests.conftest import BIN, TINY_OVERRIDES, set_args, sh, shell_env
 
 NAME = "fashion-captioner"
 
@@ -69,8 +68,7 @@ def start_workers(repo: Path, **env: str) -> None:
     log = repo.parent / f"{repo.name}-queue-start.log"
     with log.open("w") as out:
         proc = subprocess.run([str(BIN / "dvc"), "queue", "start", "-j", "2"], cwd=repo, stdout=out,
-                              stderr=subprocess.STDOUT, timeout=120,
-                              env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env})
+                              stderr=subprocess.STDOUT, timeout=120, env=shell_env(**env))
     assert proc.returncode == 0, log.read_text()[-3000:]
 
 
