@@ -92,6 +92,8 @@ class ScratchModel(_Section):
             hidden, heads = getattr(self, f"{part}_hidden"), getattr(self, f"{part}_heads")
             if hidden % heads:
                 raise ValueError(f"model.scratch.{part}_hidden ({hidden}) must be a multiple of {part}_heads ({heads})")
+        if self.vision_hidden % 4:  # a quarter of it each for the rows' and the columns' sines and cosines
+            raise ValueError(f"model.scratch.vision_hidden ({self.vision_hidden}) must be a multiple of 4")
         return self
 
 

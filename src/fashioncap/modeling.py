@@ -101,6 +101,25 @@ def with_attention(model, attention: str):
     return use_sdpa(model) if attention == "sdpa" else use_eager(model)
 
 
+def grid_positions(table: torch.nn.Parameter) -> None:
+    """Fills a scratch vision encoder's position table (the class token's row, then the patches' row by row) with
+    2-D sine-cosine positions, as MAE's: each patch's row and column, a quarter of the width each for their sines
+    and cosines at geometric frequencies; the class token's row is zero.
+
+    Why: BLIP's vision config starts the table at `initializer_range` (1e-10, meant for loading pretrained
+    weights), so a scratch encoder starts as a bag of patches; in the offline run its learned positions reached a
+    norm of 1.5 per patch against 21 for the patches' own embeddings, and it told products apart by colour
+    rather than shape (docs/results.md). Training still updates the table."""
+    width, grid = table.shape[-1], round((table.shape[1] - 1) ** 0.5)
+    quarter = width // 4
+    frequencies = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, columns = torch.meshgrid(*(torch.arange(grid, dtype=torch.float64),) * 2, indexing="ij")
+    angles = [axis.reshape(-1, 1) * frequencies for axis in (rows, columns)]
+    with torch.no_grad():
+        table[0, 0].zero_()
+        table[0, 1:] = torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1).to(table.dtype)
+
+
 def initial_model(cfg: ModelParams, processor, seed: int, init=None):
     """The weights fine-tuning starts from: the pretrained checkpoint (a registry version's as the init stage
     fetched it, `init`), or a seeded random init."""
@@ -108,7 +127,9 @@ def initial_model(cfg: ModelParams, processor, seed: int, init=None):
 
     if cfg.from_scratch:
         set_seed(seed)
-        return with_attention(BlipForConditionalGeneration(scratch_config(cfg, processor.tokenizer)), cfg.attention)
+        model = BlipForConditionalGeneration(scratch_config(cfg, processor.tokenizer))
+        grid_positions(model.vision_model.embeddings.position_embedding)
+        return with_attention(model, cfg.attention)
     init = init_of(cfg, init)
     model = load_model(init.source, cfg.attention, init.label)
     model.config.text_config.label_smoothing = cfg.label_smoothing

@@ -64,6 +64,23 @@ def test_scratch_model_is_seeded_and_generates_with_its_own_special_tokens(tiny_
     assert len(captions) == 4 and all(isinstance(c, str) for c in captions)
 
 
+def test_a_scratch_vision_encoder_starts_with_its_patches_on_a_grid_not_as_a_bag_of_patches(tiny_params):
+    """BLIP's own init leaves the position table at ~1e-10: every patch would start in the same place."""
+    processor = build_processor(tiny_params.model, ["a red watch"])
+    table = initial_model(tiny_params.model, processor, seed=7).vision_model.embeddings.position_embedding[0]
+    width, grid = table.shape[1], tiny_params.model.image_size // tiny_params.model.scratch.patch_size
+    patches = table[1:].reshape(grid, grid, width)
+    assert table.shape[0] == grid * grid + 1 and torch.equal(table[0], torch.zeros(width))  # the class token's
+    # a sine and a cosine per frequency and axis: every patch's position has the same, full length
+    assert torch.allclose(table[1:].norm(dim=1), torch.full((grid * grid,), (width / 2) ** 0.5))
+    # the row's half says the row and the column's half the column; nearer patches are nearer in the table
+    assert torch.equal(patches[1, 0, : width // 2], patches[1, grid - 1, : width // 2])
+    assert torch.equal(patches[0, 1, width // 2:], patches[grid - 1, 1, width // 2:])
+    assert (patches[0, 0] - patches[0, 1]).norm() < (patches[0, 0] - patches[0, grid - 1]).norm()
+    assert (patches[0, 0] - patches[1, 1]).norm() < (patches[0, 0] - patches[grid - 1, grid - 1]).norm()
+    assert torch.cdist(table[1:], table[1:]).add(torch.eye(grid * grid)).min() > 0.1  # no two patches alike
+
+
 @pytest.mark.slow
 def test_unloadable_pretrained_model_is_a_clear_error_not_a_traceback(tiny_raw, tiny_model, write_params, tmp_path):
     import subprocess

@@ -39,7 +39,7 @@ def test_both_profiles_validate():
     ("generate.min_length", 500, "generate.min_length (500) exceeds generate.max_new_tokens"),
     ("model.scratch.text_heads", 3, "text_hidden (128) must be a multiple of text_heads (3)"),
     ("train.metric", "accuracy", "train.metric: Input should be 'val_cider_d' or 'val_loss'"),
-    ("train.batch_size", 6400, "train.batch_size (6400) exceeds the about 3400 "
+    ("train.batch_size", 12800, "train.batch_size (12800) exceeds the about 7399 "
                                "training items that data.synthetic.items leaves"),
     ("train.micro_batch", 7, "train.micro_batch (7) must divide train.batch_size (32)"),
 ])
@@ -53,6 +53,13 @@ def test_bad_values_are_reported_with_their_key_path(key, value, message):
     with pytest.raises(ConfigError) as error:
         parse_params(raw)
     assert message in str(error.value)
+
+
+def test_a_scratch_vision_width_that_the_grid_positions_cannot_split_in_quarters_is_refused():
+    raw = copy.deepcopy(compose(["profile=offline"]))
+    raw["model"]["scratch"].update(vision_hidden=126, vision_heads=3)
+    with pytest.raises(ConfigError, match=r"model.scratch.vision_hidden \(126\) must be a multiple of 4"):
+        parse_params(raw)
 
 
 def test_all_problems_are_reported_at_once_and_typos_are_errors():
