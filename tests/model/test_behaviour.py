@@ -7,9 +7,9 @@ training catalogue, one factor changed at a time:
 
 The model is the offline recipe, shrunk to train in about a minute on two CPU cores (48 px input,
 800 steps; 94 s for this measurement's training and captioning on a 2-core AMD EPYC without AVX-512).
-It runs in the test's process with the CPU's own kernels, so its rates differ by CPU. Measured (main colour named / category and main colour kept on a flat grey backdrop / kept as JPEGs of
-quality 60 / a changed colour named, over 40 unseen products each), 2026-12-08, commit fbc5d82 (the scratch
-encoder's grid positions):
+It runs in the test's process with the CPU's own kernels, so its rates differ by CPU. Measured (main colour
+named / category and main colour kept on a flat grey backdrop / kept as JPEGs of quality 60 / a changed colour
+named, over 40 unseen products each), 2026-12-08, commit fbc5d82 (the scratch encoder's grid positions):
 
 | CPU | watch | t-shirt |
 |---|---|---|
