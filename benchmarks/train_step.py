@@ -116,10 +116,12 @@ def _sync(device) -> None:
 
 def measure(size: str, batch: int, repeats: int, precision: str = "auto", baseline: bool = True,
             flops: bool = False, freeze_vision: bool = False, attention: str = "sdpa", compile: bool = False,
-            pixels: str = "ours", micro: int | None = None, deterministic: bool = False) -> dict:
+            pixels: str = "ours", micro: int | None = None, deterministic: bool = False,
+            compile_backend: str = "inductor") -> dict:
     """Seconds per step of both recipes (and peak GPU memory, FLOPs per step where asked). Ours is timed
     whole (`ours_s`: decode, collate, step) and as its model part alone (`model_s`); `collate_s` is the
-    input pipeline alone. `pixels="processor"` collates through BLIP's image processor, as before."""
+    input pipeline alone. `pixels="processor"` collates through BLIP's image processor, as before.
+    `compile_backend` is torch.compile's (Inductor, as train.compile uses it)."""
     from accelerate import Accelerator
 
     from fashioncap.fingerprint import set_determinism
@@ -146,7 +148,7 @@ def measure(size: str, batch: int, repeats: int, precision: str = "auto", baseli
         collate = ProcessorCollator(collate)
     optimizer = make_optimizer(model, params.train)
     model, optimizer = accelerator.prepare(model, optimizer)
-    step_model = torch.compile(model, dynamic=False) if compile else model
+    step_model = torch.compile(model, dynamic=False, backend=compile_backend) if compile else model
     model.train()
     collated = collate(stored_rows(items))
 
