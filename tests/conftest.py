@@ -102,6 +102,7 @@ LONGEST_FIRST = (
     "tests/e2e/test_benchmarks.py",
     "tests/e2e/test_reproduce.py",
     "tests/e2e/test_kill_anywhere.py",
+    "tests/e2e/test_gpu_script.py",  # the GPU script's dry run: a rehearsal, a benchmark and a pipeline
     "tests/e2e/test_catalogue.py",
     "tests/e2e/test_adapt.py",  # two adaptations of the champion and a reproduction
     "tests/e2e/test_review_feedback.py",  # review, feedback and a prepare through the real CLIs
